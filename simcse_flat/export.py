@@ -1,0 +1,158 @@
+"""Model folders users can publish: sentence-transformers layout, a model card, optional push to the hub.
+
+The folder is written by sentence-transformers' own modules (``Transformer`` → ``Pooling`` → ``Dense`` + tanh where
+the MLP head is kept → ``Normalize`` where the source model had it), so ``SentenceTransformer(path)`` loads it and
+gives the trainer's embeddings; :meth:`SentenceEncoder.from_pretrained` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .models.text import SentenceEncoder
+
+try:  # sentence-transformers >= 6 moved the modules; older releases only have the old path
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+except ImportError:  # pragma: no cover - depends on the installed release
+    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+
+
+def sentence_transformers_modules(encoder: "SentenceEncoder", backbone_dir: str) -> list[nn.Module]:
+    """The sentence-transformers pipeline equivalent to ``encoder`` in inference mode."""
+    if encoder.pooler == "avg_first_last":
+        raise ValueError(
+            "the avg_first_last pooler has no sentence-transformers Pooling mode; export a model trained with "
+            "cls, cls_before_pooler or mean pooling"
+        )
+    dim = encoder.embedding_dim
+    transformer = Transformer(backbone_dir, max_seq_length=encoder.max_seq_length)
+    modules: list[nn.Module] = [transformer, Pooling(dim, pooling_mode="mean" if encoder.pooler == "mean" else "cls")]
+    if encoder.pooler == "cls" and not encoder.mlp_only_train:
+        dense = Dense(dim, dim, bias=True, activation_function=nn.Tanh())
+        dense.linear.load_state_dict(encoder.mlp.dense.state_dict())
+        modules.append(dense)
+    if encoder.normalize:
+        modules.append(Normalize())
+    return modules
+
+
+def save_sentence_transformers_folder(encoder: "SentenceEncoder", path: str | Path, model_card: str | None = None) -> Path:
+    """Write ``encoder`` as a sentence-transformers folder at ``path`` (replacing it atomically)."""
+    from sentence_transformers import SentenceTransformer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        backbone_dir = tmp / "_backbone"
+        encoder.backbone.save_pretrained(backbone_dir)
+        encoder.tokenizer.save_pretrained(backbone_dir)
+        model = SentenceTransformer(modules=sentence_transformers_modules(encoder, str(backbone_dir)), device="cpu")
+        out = tmp / "model"
+        model.save(str(out), create_model_card=False)
+        (out / "simcse_flat.json").write_text(
+            json.dumps({"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train}, indent=2)
+        )
+        if model_card is not None:
+            (out / "README.md").write_text(model_card)
+        if path.exists():
+            shutil.rmtree(path)
+        out.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def model_card(
+    *,
+    base_model: str,
+    loss_config: dict,
+    config: dict,
+    sts_table: str | None = None,
+    command: str | None = None,
+    train_data: str | None = None,
+    data_license: str | None = None,
+    steps: int | None = None,
+    citation: str = "",
+) -> str:
+    """A README.md with the hub's metadata header: what was trained, on what, how, and how well."""
+    header = {
+        "library_name": "sentence-transformers",
+        "pipeline_tag": "sentence-similarity",
+        "tags": ["sentence-transformers", "sentence-similarity", "simcse_flat", str(loss_config.get("loss", ""))],
+    }
+    if base_model and not base_model.startswith(("package:", "/", ".")):
+        header["base_model"] = base_model
+    lines = ["---", *(_yaml_line(k, v) for k, v in header.items()), "---", ""]
+    lines += [
+        f"# {Path(config.get('output_dir', 'model')).name} (simcse_flat)",
+        "",
+        "A sentence-embedding model trained with simcse_flat "
+        f"using the **{loss_config.get('loss')}** contrastive loss.",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | `{base_model}` |",
+        *(f"| {k} | `{v}` |" for k, v in loss_config.items()),
+        f"| pooler | `{config.get('pooler')}` (mlp_only_train: {config.get('mlp_only_train')}) |",
+        f"| batch size per device | {config.get('per_device_train_batch_size')} |",
+        f"| gradient accumulation | {config.get('gradient_accumulation_steps')} |",
+        f"| learning rate | {config.get('learning_rate')} |",
+        f"| max sequence length | {config.get('max_seq_length')} |",
+        f"| optimizer steps | {steps} |",
+        f"| training data | `{train_data or config.get('train_file')}` |",
+        f"| data licence | {data_license or 'see the data source'} |",
+        "",
+    ]
+    if sts_table:
+        lines += ["## Evaluation (Spearman × 100, cosine)", "", "```", sts_table.rstrip(), "```", ""]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "model = SentenceTransformer('PATH_OR_HUB_ID')",
+        "embeddings = model.encode(['A man is playing a guitar.', 'Someone plays an instrument.'])",
+        "```",
+        "",
+    ]
+    if command:
+        lines += ["## Reproduce", "", "```", command, "```", ""]
+    if citation:
+        lines += ["## Citation", "", "```bibtex", citation.strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _yaml_line(key: str, value) -> str:
+    if isinstance(value, list):
+        return f"{key}:\n" + "\n".join(f"- {v}" for v in value)
+    return f"{key}: {value}"
+
+
+def push_to_hub(path: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload a saved folder with ``huggingface_hub`` (the one network call; tests replace it)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message="Upload simcse_flat model")
+    return str(getattr(info, "commit_url", info))
+
+
+def embeddings_match(encoder: "SentenceEncoder", path: str | Path, sentences: list[str]) -> float:
+    """Largest absolute difference between ``encoder.encode`` and ``SentenceTransformer(path).encode``."""
+    from sentence_transformers import SentenceTransformer
+
+    ours = encoder.encode(sentences)
+    theirs = torch.as_tensor(SentenceTransformer(str(path), device="cpu").encode(sentences, convert_to_numpy=True))
+    return (ours - theirs).abs().max().item()

@@ -1,0 +1,137 @@
+"""The contract every contrastive loss of simcse_flat follows.
+
+A loss scores ``B`` anchors against ``N`` candidates (after the cross-process gather, so ``N`` is usually
+``world_size * B`` or ``2 * world_size * B`` with hard negatives) and returns ``(loss, metrics)``:
+
+    loss, metrics = loss_fn(anchors, candidates, positive_index,
+                            anchor_ids=..., candidate_ids=..., hard_negative_index=..., exclude_index=...)
+
+=====================  ===========  ==========================================================================
+argument               shape        meaning
+=====================  ===========  ==========================================================================
+``anchors``            (B, D)       anchor embeddings of this process (any dtype; the loss works in fp32)
+``candidates``         (N, D)       every candidate: positives, in-batch negatives, hard negatives
+``positive_index``     (B,)         column of each anchor's positive among the candidates
+``anchor_ids``         (B,)         data-set index of each anchor (stateful losses: EMC², SogCLR)
+``candidate_ids``      (N,)         data-set index of each candidate (EMC²'s proposals)
+``hard_negative_index``(B,)         column of each anchor's own hard negative (SimCSE's weighted hard negative)
+``exclude_index``      (B,)         column that is the anchor itself and must not count (SimCLR's 2N-view loss)
+=====================  ===========  ==========================================================================
+
+Similarities are cosine similarities divided by the temperature, ``s_ij = cos(a_i, c_j) / τ``, computed in fp32
+even under bf16/fp16 autocast: at τ = 0.05 a logit spans ±20, and half precision would round away the small
+differences FlatNCE exists to keep.
+
+Every loss reports the InfoNCE value of its own logits (``infonce``) and the positive's top-1 accuracy, so
+curves from different losses can be read on one axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ContrastiveLoss(nn.Module):
+    """Base class: builds the fp32 logits and the metrics every loss shares.
+
+    Args:
+        temperature: τ in ``s = cos / τ``. SimCSE uses 0.05, SimCLR 0.1-0.5.
+        hard_negative_weight: added to the logit of each anchor's own hard negative, SimCSE's
+            ``hard_negative_weight`` (it adds this value to the scaled logit; 0 leaves the logit as it is).
+    """
+
+    name: str = "base"
+    citation: str = ""
+
+    def __init__(self, temperature: float = 0.05, hard_negative_weight: float = 0.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.hard_negative_weight = hard_negative_weight
+
+    def get_config_dict(self) -> dict[str, float | str]:
+        return {"loss": self.name, "temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight}
+
+    def logits(
+        self,
+        anchors: Tensor,
+        candidates: Tensor,
+        hard_negative_index: Tensor | None = None,
+        exclude_index: Tensor | None = None,
+    ) -> Tensor:
+        """``(B, N)`` fp32 logits ``cos(a_i, c_j) / τ``, with the hard-negative bias and self-exclusion applied."""
+        a = F.normalize(anchors.float(), dim=-1)
+        c = F.normalize(candidates.float(), dim=-1)
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            logits = a @ c.T / self.temperature  # (B, N)
+        rows = torch.arange(logits.size(0), device=logits.device)
+        if hard_negative_index is not None and self.hard_negative_weight != 0.0:
+            bias = torch.zeros_like(logits)
+            bias[rows, hard_negative_index] = self.hard_negative_weight
+            logits = logits + bias
+        if exclude_index is not None:
+            logits = logits.masked_fill(_one_hot_mask(logits, exclude_index), float("-inf"))
+        return logits
+
+    def forward(
+        self,
+        anchors: Tensor,
+        candidates: Tensor,
+        positive_index: Tensor,
+        *,
+        anchor_ids: Tensor | None = None,
+        candidate_ids: Tensor | None = None,
+        hard_negative_index: Tensor | None = None,
+        exclude_index: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if candidates.size(0) < 2:
+            raise ValueError("a contrastive loss needs at least 2 candidates (batch size >= 2)")
+        logits = self.logits(anchors, candidates, hard_negative_index, exclude_index)
+        loss, metrics = self.compute_loss_from_logits(
+            logits, positive_index, anchor_ids=anchor_ids, candidate_ids=candidate_ids
+        )
+        metrics.update(logit_metrics(logits.detach(), positive_index))
+        return loss, metrics
+
+    def compute_loss_from_logits(
+        self,
+        logits: Tensor,
+        positive_index: Tensor,
+        *,
+        anchor_ids: Tensor | None = None,
+        candidate_ids: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss proper: ``(B, N)`` fp32 logits and positive columns in, ``(loss, metrics)`` out."""
+        raise NotImplementedError
+
+
+def _one_hot_mask(logits: Tensor, index: Tensor) -> Tensor:
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[torch.arange(logits.size(0), device=logits.device), index] = True
+    return mask
+
+
+def positive_logits(logits: Tensor, positive_index: Tensor) -> Tensor:
+    """``s_t`` for each row: ``(B,)``."""
+    return logits.gather(1, positive_index[:, None]).squeeze(1)
+
+
+def negative_logsumexp(logits: Tensor, positive_index: Tensor) -> Tensor:
+    """``logsumexp_{i != t} s_i`` for each row, stable: the positive is masked to -inf, not subtracted."""
+    return torch.logsumexp(logits.masked_fill(_one_hot_mask(logits, positive_index), float("-inf")), dim=1)
+
+
+def logit_metrics(logits: Tensor, positive_index: Tensor) -> dict[str, Tensor]:
+    """What every loss logs, so runs with different losses read on one axis."""
+    s_pos = positive_logits(logits, positive_index)
+    infonce = torch.logsumexp(logits, dim=1) - s_pos
+    flatnce = negative_logsumexp(logits, positive_index) - s_pos
+    return {
+        "infonce": infonce.mean(),
+        "flatnce": flatnce.mean(),
+        "accuracy": (logits.argmax(dim=1) == positive_index).float().mean(),
+        "positive_logit": s_pos.mean(),  # cos / τ of the positive pair
+    }

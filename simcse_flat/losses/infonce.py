@@ -1,0 +1,40 @@
+"""InfoNCE: the SimCSE / SimCLR baseline."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import ContrastiveLoss, positive_logits
+
+
+class InfoNCELoss(ContrastiveLoss):
+    r"""Cross-entropy of each anchor's positive against all candidates (InfoNCE, NT-Xent).
+
+    .. math::
+
+        \ell_i = -\log \frac{e^{s_{i,t_i}}}{\sum_j e^{s_{ij}}} = \operatorname{logsumexp}_j s_{ij} - s_{i,t_i},
+        \qquad s_{ij} = \cos(a_i, c_j) / \tau
+
+    with :math:`t_i` the column of anchor :math:`i`'s positive; the loss is the mean of :math:`\ell_i` over anchors.
+    Candidates are the in-batch positives of the other anchors (gathered from every process) and, in supervised
+    mode, the hard negatives, whose own-anchor logit gets ``hard_negative_weight`` added (SimCSE).
+
+    Papers: van den Oord et al., "Representation Learning with Contrastive Predictive Coding" (arXiv 1807.03748);
+    Gao, Yao, Chen, "SimCSE: Simple Contrastive Learning of Sentence Embeddings" (EMNLP 2021, arXiv 2104.08821).
+
+    Relations: equals sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / τ``; at small
+    batch it saturates near 0 and its gradient drowns in rounding noise, which is what :class:`FlatNCELoss` fixes.
+    """
+
+    name = "infonce"
+    citation = """@inproceedings{gao2021simcse,
+  title={{SimCSE}: Simple Contrastive Learning of Sentence Embeddings},
+  author={Gao, Tianyu and Yao, Xingcheng and Chen, Danqi},
+  booktitle={Empirical Methods in Natural Language Processing (EMNLP)},
+  year={2021}
+}"""
+
+    def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None):
+        loss = (torch.logsumexp(logits, dim=1) - positive_logits(logits, positive_index)).mean()
+        return loss, {}

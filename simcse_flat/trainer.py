@@ -1,0 +1,282 @@
+"""The training loop: accelerate, read top to bottom.
+
+``train(config)`` builds everything from a :class:`~simcse_flat.config.RunConfig` and runs the loop:
+
+    encoder + data + loss → accelerate.prepare → for each micro-batch: forward all views once, gather,
+    loss (fp32), backward; every ``gradient_accumulation_steps``: clip, step, schedule, log, eval, checkpoint.
+
+Mixed precision, gradient accumulation and multi-GPU / multi-node all come from ``accelerate`` (run with
+``accelerate launch``). Note that accumulation enlarges the gradient's batch, not the negatives: each micro-batch
+is contrasted only with itself, which is exactly where FlatNCE and EMC² help.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .checkpoint import TrainState, list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
+from .config import RunConfig
+from .data.text import ContrastiveCollator, IndexedDataset, is_supervised, load_train_dataset
+from .export import model_card, save_sentence_transformers_folder
+from .losses import build_loss
+from .models.text import SentenceEncoder
+from .views import contrastive_loss_on_views
+
+logger = logging.getLogger(__name__)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that is a function of ``(seed, epoch)`` only, so a resumed run replays the same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_model: Path
+    state: TrainState
+    history: list[dict[str, float]]  # one row per logged step: what the trackers got
+
+
+def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None = None) -> TrainResult:
+    """Train as ``config`` says; returns where the final model is and the logged history."""
+    args = config.training
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+    )
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+
+    # ---- model, data, loss --------------------------------------------------------------------------------------
+    encoder = SentenceEncoder.from_pretrained(
+        config.model.model_name_or_path,
+        pooler=config.model.pooler,
+        mlp_only_train=config.model.mlp_only_train,
+        max_seq_length=config.model.max_seq_length,
+    )
+    dataset = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = DataLoader(
+        IndexedDataset(dataset),
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        collate_fn=ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length),
+        drop_last=True,  # every process and every step sees the same number of negatives
+        num_workers=args.dataloader_num_workers,
+    )
+    world_batch = args.per_device_train_batch_size * accelerator.num_processes
+    if len(dataset) < world_batch:
+        raise ValueError(f"{config.data.train_file}: {len(dataset)} examples, fewer than one batch of {world_batch}")
+    loss_fn = build_loss(config.loss.loss, dataset_size=len(dataset), **_loss_kwargs(config))
+    optimizer = torch.optim.AdamW(_param_groups(encoder, args.weight_decay), lr=args.learning_rate)
+
+    encoder, optimizer, loader = accelerator.prepare(encoder, optimizer, loader)
+    loss_fn.to(accelerator.device)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    # stepped by hand once per optimizer step (a prepared scheduler steps once per *process*)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.warmup_steps or int(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    accelerator.register_for_checkpointing(scheduler, loss_fn)
+
+    state = TrainState()
+    if args.resume_from:
+        path = resolve_resume_path(args.resume_from, output_dir)
+        if path is not None:
+            state = load_checkpoint(accelerator, path)
+            accelerator.print(f"resumed from {path} at step {state.step}")
+    config_yaml = _config_yaml(config)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_yaml)
+    if args.report_to != "none":
+        accelerator.init_trackers(args.run_name or output_dir.name, config=_tracker_config(config))
+    accelerator.print(
+        f"{len(dataset)} examples, {'supervised' if is_supervised(dataset) else 'unsupervised'}, "
+        f"{accelerator.num_processes} process(es) x batch {args.per_device_train_batch_size} "
+        f"x accumulation {args.gradient_accumulation_steps}; {total_steps} optimizer steps, loss {loss_fn.name}"
+    )
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    history: list[dict[str, float]] = []
+    running: dict[str, float] = {}
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    started = time.perf_counter()
+    encoder.train()
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(encoder):
+                sample_ids = batch.pop("sample_ids")
+                embeddings = encoder(**batch)
+                loss, metrics = contrastive_loss_on_views(loss_fn, embeddings, sample_ids)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
+                optimizer.step()  # accelerate makes these no-ops until the last micro-batch of the step
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            _accumulate(running, {"loss": loss.detach(), **metrics}, args.gradient_accumulation_steps)
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
+                scheduler.step()
+            state.step += 1
+            progress.update(1)
+
+            if state.step % args.logging_steps == 0 or state.step == total_steps:
+                row = {**_reduce(accelerator, running), "lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
+                row["steps_per_second"] = (state.step - progress.initial) / (time.perf_counter() - started)
+                accelerator.log(row, step=state.step)
+                history.append({"step": state.step, **row})
+                progress.set_postfix(loss=f"{row['loss']:.4f}", infonce=f"{row['infonce']:.4f}")
+            running.clear()
+            if evaluator is not None and args.eval_steps > 0 and state.step % args.eval_steps == 0:
+                _evaluate(accelerator, encoder, evaluator, state, output_dir, history)
+            if args.save_steps > 0 and state.step % args.save_steps == 0:
+                save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
+            if state.step >= total_steps:
+                break
+        else:  # the epoch ran out before total_steps
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+
+    # ---- the end: last checkpoint, final model ------------------------------------------------------------------
+    if not any(p.name == f"checkpoint-{state.step:08d}" for p in list_checkpoints(output_dir)):
+        save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
+    final = output_dir / "final"
+    if accelerator.is_main_process:
+        _export(accelerator.unwrap_model(encoder), final, config, loss_fn, state)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(output_dir, final, state, history)
+
+
+# ---- helpers, in the order the loop uses them -------------------------------------------------------------------
+
+
+def _loss_kwargs(config: RunConfig) -> dict:
+    loss = config.loss
+    kwargs = {"temperature": loss.temperature, "hard_negative_weight": loss.hard_negative_weight}
+    if loss.loss == "sogclr":
+        kwargs["gamma"] = loss.sogclr_gamma
+    if loss.loss == "dcl" and loss.dcl_weight_sigma is not None:
+        kwargs["weight_sigma"] = loss.dcl_weight_sigma
+    return kwargs
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _config_yaml(config: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _tracker_config(config: RunConfig) -> dict:
+    # trackers (tensorboard hparams) take scalars and strings only
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
+
+
+def _accumulate(running: dict[str, float], metrics: dict, accumulation: int) -> None:
+    for key, value in metrics.items():
+        running[key] = running.get(key, 0.0) + float(value) / accumulation
+
+
+def _reduce(accelerator: Accelerator, running: dict[str, float]) -> dict[str, float]:
+    """Mean of the step's metrics over processes (one all-reduce for all of them)."""
+    keys = sorted(running)
+    values = torch.tensor([running[k] for k in keys], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist()))
+
+
+def _evaluate(accelerator, encoder, evaluator, state: TrainState, output_dir: Path, history: list) -> None:
+    """Run the evaluator on the main process without touching the training RNG; keep ``best/``."""
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(encoder)
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # evaluation must not change the training run
+            results = evaluator(model)
+        metric = results[results["primary_metric"]]
+        row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
+        accelerator.log(row, step=state.step)
+        history.append({"step": state.step, **row})
+        accelerator.print(f"step {state.step}: {results['primary_metric']} = {metric:.2f}")
+        if state.best_metric is None or metric > state.best_metric:
+            state.best_metric, state.best_step = metric, state.step
+            save_sentence_transformers_folder(model, output_dir / "best")
+    # only the main process writes trainer_state.json, so only it needs to know the best metric
+    accelerator.wait_for_everyone()
+
+
+def _export(encoder: SentenceEncoder, path: Path, config: RunConfig, loss_fn, state: TrainState) -> None:
+    card = model_card(
+        base_model=config.model.model_name_or_path,
+        loss_config=loss_fn.get_config_dict(),
+        config=config.to_dict(),
+        command="accelerate launch train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        steps=state.step,
+        citation=loss_fn.citation,
+    )
+    save_sentence_transformers_folder(encoder, path, model_card=card)
+
+
+def sts_evaluator(config: RunConfig) -> Callable[[SentenceEncoder], dict]:
+    """The evaluator ``eval_steps`` uses: STS tasks of ``eval_tasks`` on ``eval_split`` (SimCSE: STS-B dev)."""
+    from .evaluation.sts import evaluate_sts
+
+    args = config.training
+
+    def evaluate(encoder: SentenceEncoder) -> dict:
+        return evaluate_sts(encoder.encode, tasks=args.eval_tasks, data_dir=args.eval_data_dir, split=args.eval_split)
+
+    return evaluate
+
+
+def train_from_config(config: RunConfig) -> TrainResult:
+    """``train`` with the STS evaluator when ``eval_steps`` asks for one: what ``train.py`` runs."""
+    evaluator = sts_evaluator(config) if config.training.eval_steps > 0 else None
+    return train(config, evaluator)

@@ -1,0 +1,52 @@
+"""From encoded views to the loss's inputs: anchors, gathered candidates, and where each anchor's positive is.
+
+The encoder sees every view of a batch in one forward pass and returns ``(V*B, D)`` rows, view-major (see
+:class:`simcse_flat.data.text.ContrastiveCollator`). View 0 holds the anchors; view 1 the positives; view 2, when
+present, the hard negatives. Candidates are gathered from every process *with gradient* (the only place that does
+so), and the indices are offset by this process's rank, as in open_clip's ``local_loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .distributed import gather_no_grad, gather_with_grad, rank_offset, world_size
+from .losses.base import ContrastiveLoss
+
+
+def split_views(embeddings: Tensor, batch_size: int) -> Tensor:
+    """``(V*B, D)`` → ``(V, B, D)``."""
+    if embeddings.size(0) % batch_size:
+        raise ValueError(f"{embeddings.size(0)} rows are not a whole number of views of {batch_size} examples")
+    return embeddings.view(-1, batch_size, embeddings.size(-1))
+
+
+def contrastive_loss_on_views(
+    loss_fn: ContrastiveLoss, embeddings: Tensor, sample_ids: Tensor, symmetric: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Score the anchors of this process against the candidates of all processes.
+
+    * 2 views (SimCSE unsup, SimCLR): candidates are the positives of every process; ``symmetric`` adds the
+      mirrored direction (view 1 as anchors) and averages, as SimCLR / CLIP do. SimCSE uses one direction.
+    * 3 views (SimCSE sup): candidates are all positives then all hard negatives; each anchor's own hard
+      negative is marked so the loss can weight it.
+    """
+    batch = sample_ids.size(0)
+    views = split_views(embeddings, batch)  # (V, B, D)
+    gathered = [gather_with_grad(v) for v in views]  # each (W*B, D)
+    all_ids = gather_no_grad(sample_ids)  # (W*B,)
+    own = rank_offset(batch) + torch.arange(batch, device=embeddings.device)  # my rows in a gathered view
+    if views.size(0) == 3:
+        candidates = torch.cat(gathered[1:])  # (2*W*B, D): positives, then hard negatives
+        return loss_fn(
+            views[0], candidates, own,
+            anchor_ids=sample_ids, candidate_ids=all_ids.repeat(2), hard_negative_index=own + world_size() * batch,
+        )  # fmt: skip
+    if views.size(0) != 2:
+        raise ValueError(f"expected 2 or 3 views, got {views.size(0)}")
+    loss, metrics = loss_fn(views[0], gathered[1], own, anchor_ids=sample_ids, candidate_ids=all_ids)
+    if not symmetric:
+        return loss, metrics
+    loss_back, metrics_back = loss_fn(views[1], gathered[0], own, anchor_ids=sample_ids, candidate_ids=all_ids)
+    return (loss + loss_back) / 2, {k: (v + metrics_back[k]) / 2 for k, v in metrics.items()}
