@@ -1,0 +1,1 @@
+"""Training data: text (and, with the vision extra, images)."""

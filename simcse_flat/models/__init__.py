@@ -1,0 +1,1 @@
+"""Encoders: HuggingFace text encoders with SimCSE poolers (and, with the vision extra, ResNets)."""
