@@ -10,8 +10,9 @@ from typing import Callable
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.text import DataError
+from .models.text import ModelLoadError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, ModelLoadError)
 
 
 def quiet_transformers() -> None:

@@ -92,6 +92,8 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
         collate_fn=ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length),
         drop_last=True,  # every process and every step sees the same number of negatives
         num_workers=args.dataloader_num_workers,
+        # its own generator: starting an epoch (or a resumed one) must not draw from the RNG that drives dropout
+        generator=torch.Generator().manual_seed(args.seed),
     )
     world_batch = args.per_device_train_batch_size * accelerator.num_processes
     if len(dataset) < world_batch:
@@ -137,8 +139,9 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
     started = time.perf_counter()
     encoder.train()
     while state.step < total_steps:
-        sampler.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        # accelerate's loader hands its own epoch counter to the sampler on each pass; set it to ours
+        epoch_loader.set_epoch(state.epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")
@@ -234,20 +237,21 @@ def _reduce(accelerator: Accelerator, running: dict[str, float]) -> dict[str, fl
 
 
 def _evaluate(accelerator, encoder, evaluator, state: TrainState, output_dir: Path, history: list) -> None:
-    """Run the evaluator on the main process without touching the training RNG; keep ``best/``."""
+    """Run the evaluator on the main process and keep ``best/``, without touching the training RNG."""
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(encoder)
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # evaluation must not change the training run
+        # evaluating and exporting (which builds a model, drawing random init weights) must not change training
+        with torch.random.fork_rng(devices=devices):
             results = evaluator(model)
-        metric = results[results["primary_metric"]]
+            metric = results[results["primary_metric"]]
+            if state.best_metric is None or metric > state.best_metric:
+                state.best_metric, state.best_step = metric, state.step
+                save_sentence_transformers_folder(model, output_dir / "best")
         row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         accelerator.log(row, step=state.step)
         history.append({"step": state.step, **row})
         accelerator.print(f"step {state.step}: {results['primary_metric']} = {metric:.2f}")
-        if state.best_metric is None or metric > state.best_metric:
-            state.best_metric, state.best_step = metric, state.step
-            save_sentence_transformers_folder(model, output_dir / "best")
     # only the main process writes trainer_state.json, so only it needs to know the best metric
     accelerator.wait_for_everyone()
 

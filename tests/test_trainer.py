@@ -1,0 +1,109 @@
+"""The accelerate loop on a tiny random BERT: loss falls, resume is exact, evaluation leaves training alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from simcse_flat.checkpoint import list_checkpoints, resolve_resume_path
+from simcse_flat.config import parse_config
+from simcse_flat.trainer import train
+
+from conftest import WORDS
+
+
+def _sentences(path: Path, n: int = 40) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(n):
+        picks = torch.randint(len(WORDS), (6,), generator=generator).tolist()
+        lines.append(" ".join(WORDS[i] for i in picks))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(tiny_bert, tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return parse_config([
+        "--model_name_or_path", str(tiny_bert), "--train_file", str(_sentences(tmp_path / "train.txt")),
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "1",
+        "--report_to", "none", "--output_dir", str(tmp_path / "run"), "--seed", "3", "--pooler", "mean", *extra,
+    ])  # fmt: skip
+
+
+def _losses(result) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in result.history if "loss" in row}
+
+
+def test_loss_falls_on_repeated_data(tiny_bert, tmp_path):
+    result = train(_config(tiny_bert, tmp_path, "--max_steps", "30", "--loss", "infonce", "--save_steps", "0"))
+    losses = list(_losses(result).values())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert (result.final_model / "modules.json").exists()
+
+
+def test_resumed_run_continues_exactly(tiny_bert, tmp_path):
+    # 40 examples / batch 8 = 5 batches an epoch: step 3 is mid-epoch and steps 6-7 are in the next epoch
+    full = train(_config(tiny_bert, tmp_path / "a", "--max_steps", "7", "--save_steps", "3", "--loss", "flatnce",
+                       "--save_total_limit", "5"))
+    checkpoint = tmp_path / "a" / "run" / "checkpoints" / "checkpoint-00000003"
+    resumed = train(
+        _config(tiny_bert, tmp_path / "b", "--max_steps", "7", "--save_steps", "3", "--loss", "flatnce",
+                "--resume_from", str(checkpoint))
+    )  # fmt: skip
+    expected, got = _losses(full), _losses(resumed)
+    assert sorted(got) == [4, 5, 6, 7]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path):
+    train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5"))
+    root = tmp_path / "run" / "checkpoints"
+    (root / "checkpoint-00000006.tmp").mkdir()  # what a kill during save_checkpoint leaves
+    (root / "checkpoint-00000006.tmp" / "model.safetensors").write_bytes(b"partial")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002", "checkpoint-00000004"]
+    assert resolve_resume_path("latest", tmp_path / "run").name == "checkpoint-00000004"
+    # resuming "latest" of a finished run trains nothing more and keeps the final model
+    again = train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--resume_from", "latest"))
+    assert again.state.step == 4 and _losses(again) == {}
+
+
+def test_save_total_limit_keeps_the_last_checkpoints(tiny_bert, tmp_path):
+    train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2"))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000004", "checkpoint-00000006"]
+
+
+def test_evaluation_does_not_change_training(tiny_bert, tmp_path):
+    calls = []
+
+    def evaluator(encoder):
+        torch.rand(1000)  # an evaluator that draws random numbers must still not shift the training RNG
+        encoder.encode(["a man is playing guitar", "a dog is running"])
+        calls.append(encoder.training)
+        return {"primary_metric": "score", "score": float(len(calls))}
+
+    plain = train(_config(tiny_bert, tmp_path / "a", "--max_steps", "6", "--save_steps", "0"))
+    evaluated = train(_config(tiny_bert, tmp_path / "b", "--max_steps", "6", "--save_steps", "0", "--eval_steps", "2"), evaluator)
+    assert len(calls) == 3
+    assert _losses(plain) == pytest.approx(_losses(evaluated), abs=1e-7)
+    assert (tmp_path / "b" / "run" / "best" / "modules.json").exists()
+    assert evaluated.state.best_step == 6
+
+
+def test_gradient_accumulation_steps_count_optimizer_steps(tiny_bert, tmp_path):
+    result = train(_config(tiny_bert, tmp_path, "--max_steps", "3", "--gradient_accumulation_steps", "2", "--save_steps", "0"))
+    # 5 micro-batches an epoch: steps take 2 + 2 + 1 (the end of the data closes a step early, as accelerate does)
+    assert result.state.step == 3
+    assert (result.state.epoch, result.state.batch_in_epoch) == (0, 5)
+
+
+def test_supervised_triples_train(tiny_bert, tmp_path):
+    rows = ["sent0,sent1,hard_neg"] + [f"a man {w},the man {w},no dog {w}" for w in WORDS[:16]]
+    (tmp_path / "nli.csv").write_text("\n".join(rows) + "\n")
+    config = _config(tiny_bert, tmp_path, "--max_steps", "2", "--save_steps", "0", "--hard_negative_weight", "0.2")
+    config.data.train_file = str(tmp_path / "nli.csv")
+    result = train(config)
+    assert result.state.step == 2 and all(torch.isfinite(torch.tensor(v)) for v in _losses(result).values())
