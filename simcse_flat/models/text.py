@@ -193,10 +193,12 @@ class SentenceEncoder(nn.Module):
         if mlp_only_train is None:
             # a folder whose CLS pooling has no Dense head was trained (or exported) without it at inference
             mlp_only_train = saved_pooler == "cls_before_pooler" and pooler == "cls"
+        if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+            raise ModelLoadError(f"cannot load model {name_or_path!r}: no such folder")
         try:
             config = AutoConfig.from_pretrained(path, **hf_kwargs)
-        except OSError as err:
-            raise ValueError(f"cannot load model {name_or_path!r}: {err}") from err
+        except (OSError, ValueError) as err:  # not found locally, not on the hub, or no network
+            raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
         backbone = _load_backbone(path, config, **hf_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **hf_kwargs)
         encoder = cls(

@@ -1,0 +1,80 @@
+"""Configuration: yaml then command line, typed, unknown keys rejected with the closest valid name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simcse_flat.config import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("loss: flatnce\nper_device_train_batch_size: 16\neval_tasks: [stsb, sickr]\n")
+    config = parse_config(["--config", str(path), "--per_device_train_batch_size", "8"])
+    assert config.loss.loss == "flatnce"
+    assert config.training.per_device_train_batch_size == 8
+    assert config.training.eval_tasks == ["stsb", "sickr"]
+
+
+def test_unknown_yaml_key_names_line_and_closest(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("loss: infonce\nlearnig_rate: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml:2: unknown key 'learnig_rate'; did you mean 'learning_rate'"):
+        parse_config(["--config", str(path)])
+
+
+def test_unknown_flag_names_closest():
+    with pytest.raises(ConfigError, match="did you mean 'temperature'"):
+        parse_config(["--temprature", "0.1"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--loss", "flatnc"], "(?i)did you mean 'flatnce'"),
+        (["--pooler", "clss"], "(?i)did you mean 'cls'"),
+        (["--per_device_train_batch_size", "1"], "must be >= 2"),
+        (["--mixed_precision", "fp8"], "mixed_precision"),
+        (["--temperature", "0"], "temperature must be > 0"),
+    ],
+)
+def test_bad_values_are_rejected_before_loading_anything(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(argv)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_config(["--config", "nope.yaml"])
+
+
+def test_every_shipped_config_parses():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs, "configs/ is empty"
+    for path in configs:
+        parse_config(["--config", str(path)])
+
+
+def _run_train(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_train_py_reports_user_errors_in_one_line(tmp_path):
+    result = _run_train("--train_file", str(tmp_path / "missing.txt"), "--model_name_or_path", str(tmp_path / "no-model"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: cannot load model")
+    assert "Traceback" not in result.stderr
+
+
+def test_train_py_reports_bad_data(tiny_bert, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xc3\x28 broken\n")
+    result = _run_train("--train_file", str(bad), "--model_name_or_path", str(tiny_bert), "--output_dir", str(tmp_path / "r"))
+    assert result.returncode == 2, result.stderr
+    assert f"error: {bad}:2: not valid UTF-8" in result.stderr
