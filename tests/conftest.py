@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# tests never touch the network: a hub look-up fails at once instead of hanging
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 SHARED_DATA = Path(os.environ.get("SIMCSE_FLAT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 WORDS = """the a an of to and in is was on for with as by at from it that this be are were has have had

@@ -1,0 +1,72 @@
+"""The exported folder: sentence-transformers loads it and gives the trainer's embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simcse_flat.export import embeddings_match, model_card, push_to_hub
+from simcse_flat.models.text import SentenceEncoder
+
+SENTENCES = ["a man is playing a guitar", "the dog runs in the park", "two children are eating", "x"]
+
+
+@pytest.mark.parametrize(
+    ("pooler", "mlp_only_train", "has_dense"),
+    [("mean", False, False), ("cls", False, True), ("cls", True, False), ("cls_before_pooler", False, False)],
+)
+def test_sentence_transformers_gives_the_trainers_embeddings(tiny_bert, tmp_path, pooler, mlp_only_train, has_dense):
+    encoder = SentenceEncoder.from_pretrained(str(tiny_bert), pooler=pooler, mlp_only_train=mlp_only_train)
+    if encoder.mlp is not None:
+        torch.nn.init.normal_(encoder.mlp.dense.weight)  # a trained-looking head, far from identity
+    encoder.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "2_Dense").exists() == has_dense
+    assert embeddings_match(encoder, tmp_path / "model", SENTENCES) < 1e-5
+    # and our own loader reads the folder back to the same encoder
+    reloaded = SentenceEncoder.from_pretrained(str(tmp_path / "model"))
+    torch.testing.assert_close(reloaded.encode(SENTENCES), encoder.encode(SENTENCES), atol=1e-5, rtol=0)
+
+
+def test_packaged_minilm_round_trips_with_its_normalisation(minilm_path, tmp_path):
+    encoder = SentenceEncoder.from_pretrained(minilm_path, max_seq_length=64)
+    assert (encoder.pooler, encoder.normalize) == ("mean", True)
+    encoder.save_pretrained(tmp_path / "minilm")
+    assert embeddings_match(encoder, tmp_path / "minilm", SENTENCES) < 1e-5
+    # the source folder itself agrees with our encoder too: we read its pooling right
+    assert embeddings_match(encoder, minilm_path, SENTENCES) < 1e-5
+
+
+def test_model_card_has_the_hub_header_and_the_facts():
+    card = model_card(
+        base_model="bert-base-uncased",
+        loss_config={"loss": "flatnce", "temperature": 0.05},
+        config={"output_dir": "runs/x", "per_device_train_batch_size": 16, "train_file": "wiki.txt"},
+        sts_table="stsb  80.00",
+        command="accelerate launch train.py --config configs/x.yaml",
+        steps=100,
+        data_license="CC BY-SA",
+    )
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n")
+    assert "base_model: bert-base-uncased" in card
+    for fact in ("flatnce", "| batch size per device | 16 |", "stsb  80.00", "configs/x.yaml", "CC BY-SA", "| 100 |"):
+        assert fact in card
+
+
+def test_push_to_hub_uploads_the_folder(monkeypatch, tmp_path):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    url = push_to_hub(tmp_path, "user/model", private=True, token="t")
+    assert url == "https://hub/user/model/commit/1"
+    assert calls == [("init", "t"), ("create", "user/model", True, True), ("upload", str(tmp_path), "user/model")]
