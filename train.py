@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from accelerate import PartialState
+
 from simcse_flat.cli import run_cli
 from simcse_flat.config import parse_config
 from simcse_flat.trainer import train_from_config
@@ -16,7 +18,8 @@ from simcse_flat.trainer import train_from_config
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     result = train_from_config(config)
-    print(f"final model: {result.final_model}")
+    if PartialState().is_main_process:
+        print(f"final model: {result.final_model}")
 
 
 if __name__ == "__main__":
