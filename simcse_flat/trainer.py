@@ -12,6 +12,7 @@ is contrasted only with itself, which is exactly where FlatNCE and EMC² help.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shlex
@@ -161,8 +162,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
                 now = time.perf_counter()
                 row["seconds_per_step"] = (now - window_start) / (state.step - window_step)
                 window_start, window_step = now, state.step
-                accelerator.log(row, step=state.step)
-                history.append({"step": state.step, **row})
+                _log(accelerator, output_dir, history, {"step": state.step, **row})
                 progress.set_postfix(loss=f"{row['loss']:.4g}", infonce=f"{row['infonce']:.3g}")
             running.clear()
             if evaluator is not None and args.eval_steps > 0 and state.step % args.eval_steps == 0:
@@ -239,6 +239,16 @@ def _reduce(accelerator: Accelerator, running: dict[str, float]) -> dict[str, fl
     return dict(zip(keys, values.tolist()))
 
 
+def _log(accelerator: Accelerator, output_dir: Path, history: list, row: dict) -> None:
+    """To the trackers, to the returned history, and to ``log.jsonl`` (plain text that survives a kill)."""
+    step = row["step"]
+    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+    history.append(row)
+    if accelerator.is_main_process:
+        with open(output_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
 def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, output_dir: Path, history: list) -> None:
     """Run the evaluator on the main process and keep ``best/``, without touching the training RNG."""
     if accelerator.is_main_process:
@@ -252,8 +262,7 @@ def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, ou
                 state.best_metric, state.best_step = metric, state.step
                 save_model(model, output_dir / "best", None)
         row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
-        accelerator.log(row, step=state.step)
-        history.append({"step": state.step, **row})
+        _log(accelerator, output_dir, history, {"step": state.step, **row})
         accelerator.print(f"step {state.step}: {results['primary_metric']} = {metric:.2f}")
     # only the main process writes trainer_state.json, so only it needs to know the best metric
     accelerator.wait_for_everyone()

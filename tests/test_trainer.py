@@ -107,3 +107,42 @@ def test_supervised_triples_train(tiny_bert, tmp_path):
     config.data.train_file = str(tmp_path / "nli.csv")
     result = train(config)
     assert result.state.step == 2 and all(torch.isfinite(torch.tensor(v)) for v in _losses(result).values())
+
+
+def _log_by_step(run_dir: Path) -> dict[int, float]:
+    """Training loss per step from log.jsonl; a step logged twice (redone after a resume) keeps its last value."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    data = _sentences(tmp_path / "train.txt")
+
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, str(root / "train.py"), "--model_name_or_path", str(tiny_bert), "--pooler", "mean",
+                "--train_file", str(data), "--per_device_train_batch_size", "8", "--max_steps", "120",
+                "--save_steps", "20", "--save_total_limit", "10", "--logging_steps", "1", "--report_to", "none",
+                "--learning_rate", "1e-3", "--seed", "3", "--output_dir", str(out), *extra]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True)
+    victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list_checkpoints(tmp_path / "killed") and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # no cleanup, no final save: as a pre-empted job dies
+    victim.wait()
+    assert list_checkpoints(tmp_path / "killed"), "the run ended before its first checkpoint"
+    assert not (tmp_path / "killed" / "final").exists()
+    subprocess.run(command(tmp_path / "killed", "--resume_from", "latest"), check=True, capture_output=True)
+    whole, resumed = _log_by_step(tmp_path / "whole"), _log_by_step(tmp_path / "killed")
+    assert sorted(resumed) == sorted(whole) == list(range(1, 121))
+    for step in whole:
+        assert resumed[step] == pytest.approx(whole[step], abs=1e-6), step
