@@ -143,7 +143,12 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(ALL_ARGUMENTS, allow_abbrev=False)
+    parser = HfArgumentParser(
+        ALL_ARGUMENTS,
+        allow_abbrev=False,
+        usage="train.py [--config FILE.yaml] [--key value ...]",
+        description="Every key of the yaml given with --config can be overridden by the flag of the same name.",
+    )
     if known.config:
         parser.set_defaults(**load_yaml(known.config))
     parts = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
