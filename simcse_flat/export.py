@@ -44,8 +44,14 @@ def sentence_transformers_modules(encoder: "SentenceEncoder", backbone_dir: str)
     return modules
 
 
-def save_sentence_transformers_folder(encoder: "SentenceEncoder", path: str | Path, model_card: str | None = None) -> Path:
-    """Write ``encoder`` as a sentence-transformers folder at ``path`` (replacing it atomically)."""
+def save_sentence_transformers_folder(
+    encoder: "SentenceEncoder", path: str | Path, model_card: str | None = None, training_config: str | None = None
+) -> Path:
+    """Write ``encoder`` as a sentence-transformers folder at ``path`` (replacing it atomically).
+
+    ``training_config`` (the run's resolved yaml) is stored as ``training_config.yaml``: with it,
+    ``accelerate launch train.py --config training_config.yaml`` reproduces the run.
+    """
     from sentence_transformers import SentenceTransformer
 
     path = Path(path)
@@ -63,6 +69,8 @@ def save_sentence_transformers_folder(encoder: "SentenceEncoder", path: str | Pa
         )
         if model_card is not None:
             (out / "README.md").write_text(model_card)
+        if training_config is not None:
+            (out / "training_config.yaml").write_text(training_config)
         if path.exists():
             shutil.rmtree(path)
         out.rename(path)
@@ -156,3 +164,32 @@ def embeddings_match(encoder: "SentenceEncoder", path: str | Path, sentences: li
     ours = encoder.encode(sentences)
     theirs = torch.as_tensor(SentenceTransformer(str(path), device="cpu").encode(sentences, convert_to_numpy=True))
     return (ours - theirs).abs().max().item()
+
+
+def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
+    """A trained encoder from a model folder (``final/``, ``best/``) or a checkpoint folder, and its run config.
+
+    A checkpoint (``checkpoints/checkpoint-N``) holds accelerate's ``model.safetensors`` (the whole encoder's state
+    dict) beside ``config.yaml``; the encoder is rebuilt from the config's base model, then loaded.
+    """
+    import yaml
+    from safetensors.torch import load_file
+
+    from .models.text import SentenceEncoder
+
+    path = Path(path)
+    if (path / "modules.json").exists():
+        config_file = path / "training_config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+        return SentenceEncoder.from_pretrained(str(path)), config
+    if not ((path / "model.safetensors").exists() and (path / "config.yaml").exists()):
+        raise FileNotFoundError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    encoder = SentenceEncoder.from_pretrained(
+        config["model_name_or_path"],
+        pooler=config["pooler"],
+        mlp_only_train=config["mlp_only_train"],
+        max_seq_length=config["max_seq_length"],
+    )
+    encoder.load_state_dict(load_file(path / "model.safetensors"))
+    return encoder, config

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,11 +271,12 @@ def _export(save_model, model, path: Path, config: RunConfig, loss_fn, state: Tr
         base_model=config.model.model_name_or_path,
         loss_config=loss_fn.get_config_dict(),
         config=config.to_dict(),
-        command="accelerate launch train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command="accelerate launch train.py --config training_config.yaml",
         steps=state.step,
         citation=loss_fn.citation,
     )
     save_model(model, path, card)
+    (path / "training_config.yaml").write_text(_config_yaml(config))
 
 
 def sts_evaluator(config: RunConfig) -> Callable[[torch.nn.Module], dict]:

@@ -70,3 +70,33 @@ def test_push_to_hub_uploads_the_folder(monkeypatch, tmp_path):
     url = push_to_hub(tmp_path, "user/model", private=True, token="t")
     assert url == "https://hub/user/model/commit/1"
     assert calls == [("init", "t"), ("create", "user/model", True, True), ("upload", str(tmp_path), "user/model")]
+
+
+def test_export_script_reads_a_checkpoint_and_a_final_folder(tiny_bert, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer
+
+    from simcse_flat.config import parse_config
+    from simcse_flat.trainer import train
+
+    (tmp_path / "s.txt").write_text("\n".join(f"the man {w} a dog" for w in "abcdefghijklmnop") + "\n")
+    result = train(parse_config([
+        "--model_name_or_path", str(tiny_bert), "--train_file", str(tmp_path / "s.txt"), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--output_dir", str(tmp_path / "run"),
+        "--loss", "flatnce", "--pooler", "cls",
+    ]))  # fmt: skip
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_model.py"
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-00000002"
+    for source, out in ((checkpoint, tmp_path / "from_checkpoint"), (result.final_model, tmp_path / "from_final")):
+        done = subprocess.run([sys.executable, str(script), str(source), str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        card = (out / "README.md").read_text()
+        assert "flatnce" in card and "accelerate launch train.py --config training_config.yaml" in card
+        assert (out / "training_config.yaml").exists()
+        # the checkpoint's weights and the final folder's weights are the same model: same vectors
+        vectors = SentenceTransformer(str(out), device="cpu").encode(SENTENCES)
+        reference = SentenceTransformer(str(result.final_model), device="cpu").encode(SENTENCES)
+        assert abs(vectors - reference).max() < 1e-5
