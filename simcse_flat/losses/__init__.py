@@ -10,12 +10,18 @@ from __future__ import annotations
 import difflib
 
 from .base import ContrastiveLoss
+from .dcl import DCLLoss
+from .emc2 import EMC2Loss
 from .flatnce import FlatNCELoss
 from .infonce import InfoNCELoss
+from .sogclr import SogCLRLoss
 
 LOSSES: dict[str, type[ContrastiveLoss]] = {
     InfoNCELoss.name: InfoNCELoss,
     FlatNCELoss.name: FlatNCELoss,
+    DCLLoss.name: DCLLoss,
+    SogCLRLoss.name: SogCLRLoss,
+    EMC2Loss.name: EMC2Loss,
 }
 
 
@@ -39,4 +45,14 @@ def build_loss(name: str, *, dataset_size: int | None = None, **kwargs) -> Contr
     return cls(**kwargs)
 
 
-__all__ = ["LOSSES", "ContrastiveLoss", "FlatNCELoss", "InfoNCELoss", "build_loss", "loss_class"]
+__all__ = [
+    "LOSSES",
+    "ContrastiveLoss",
+    "DCLLoss",
+    "EMC2Loss",
+    "FlatNCELoss",
+    "InfoNCELoss",
+    "SogCLRLoss",
+    "build_loss",
+    "loss_class",
+]

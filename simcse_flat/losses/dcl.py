@@ -1,0 +1,84 @@
+"""DCL: InfoNCE with the positive taken out of the denominator, optionally with a weighted positive term (DCLW)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..distributed import gather_with_grad, rank_offset
+from .base import ContrastiveLoss, negative_logsumexp, positive_logits
+
+
+class DCLLoss(ContrastiveLoss):
+    r"""Decoupled Contrastive Learning (Yeh et al., 2022): the positive leaves the denominator.
+
+    .. math::
+
+        \ell_i = -w_i\, s_{i,t_i} + \operatorname{logsumexp}_{j \ne t_i} s_{ij},
+        \qquad s_{ij} = \cos(a_i, c_j) / \tau,
+
+    with :math:`t_i` the column of anchor :math:`i`'s positive and the loss the mean of :math:`\ell_i` over
+    anchors. InfoNCE's gradient carries a factor :math:`1 - p_{i,t_i}` (the softmax mass on the positive) on every
+    term, the "negative-positive coupling" that shrinks the gradient once positives win, worst at small batch;
+    dropping the positive from the denominator removes it. DCL has :math:`w_i = 1`; DCLW weights the positive
+    term with a von Mises-Fisher-style factor,
+
+    .. math::
+
+        w_i = 2 - \frac{e^{\cos(a_i, c_{t_i}) / \sigma}}{\frac{1}{K}\sum_{k} e^{\cos(a_k, c_{t_k}) / \sigma}},
+
+    the mean over the :math:`K` anchors of the step (every process's: the positive cosines are gathered with
+    gradient, so the weights do not depend on the number of processes). The weights average 1 and are below 1 for
+    pairs that already agree more than the rest, so harder positives pull harder. The gradient flows through
+    :math:`w_i` as well: plain autograd of the formula, as in the widely used PyTorch implementation
+    (github.com/raminnakhli/Decoupled-Contrastive-Learning, ``2 - K * softmax(cos / σ)``).
+
+    Paper: Yeh, Hong, Hsu, Liu, Chen, LeCun, "Decoupled Contrastive Learning" (ECCV 2022, arXiv 2110.06848).
+
+    Args:
+        temperature: τ.
+        hard_negative_weight: see :class:`~simcse_flat.losses.base.ContrastiveLoss`.
+        weight_sigma: σ of the DCLW weighting; ``None`` (default) is plain DCL. The paper uses 0.5.
+
+    Relations: with :math:`w_i = 1`, :math:`\ell_i` *is* :class:`FlatNCELoss`'s
+    :math:`\operatorname{logsumexp}_{j \ne t_i} s_{ij} - s_{i,t_i}`, value and gradient, for any candidates;
+    the two papers reach it from two sides (DCL: remove the coupling factor; FlatNCE: keep the gradient above
+    floating-point rounding). The only difference is DCLW's weighting, and in the authors' SimCLR setting both
+    views of every other image are negatives, which here is the caller's choice of candidates.
+    """
+
+    name = "dcl"
+    citation = """@inproceedings{yeh2022decoupled,
+  title={Decoupled Contrastive Learning},
+  author={Yeh, Chun-Hsiao and Hong, Cheng-Yao and Hsu, Yen-Chi and Liu, Tyng-Luh and Chen, Yubei and LeCun, Yann},
+  booktitle={European Conference on Computer Vision (ECCV)},
+  year={2022}
+}"""
+
+    def __init__(
+        self, temperature: float = 0.05, hard_negative_weight: float = 0.0, weight_sigma: float | None = None
+    ) -> None:
+        super().__init__(temperature, hard_negative_weight)
+        if weight_sigma is not None and weight_sigma <= 0:
+            raise ValueError(f"weight_sigma must be > 0 (or None for plain DCL), got {weight_sigma}")
+        self.weight_sigma = weight_sigma
+
+    def get_config_dict(self) -> dict[str, float | str]:
+        config = super().get_config_dict()
+        return config if self.weight_sigma is None else {**config, "weight_sigma": self.weight_sigma}
+
+    def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None):
+        s_pos = positive_logits(logits, positive_index)
+        if self.weight_sigma is None:
+            return (negative_logsumexp(logits, positive_index) - s_pos).mean(), {}
+        weights = self.positive_weights(s_pos * self.temperature)
+        loss = (negative_logsumexp(logits, positive_index) - weights * s_pos).mean()
+        return loss, {"dcl_weight_min": weights.detach().min(), "dcl_weight_max": weights.detach().max()}
+
+    def positive_weights(self, positive_cosines: Tensor) -> Tensor:
+        """DCLW's :math:`w_i` for this process's anchors from their ``(B,)`` positive cosines."""
+        everyone = gather_with_grad(positive_cosines)  # (W*B,)
+        # e^{c_i/σ} / mean_k e^{c_k/σ} = K softmax_i, stable
+        relative = everyone.numel() * torch.softmax(everyone / self.weight_sigma, dim=0)
+        start = rank_offset(positive_cosines.numel())
+        return 2.0 - relative[start : start + positive_cosines.numel()]

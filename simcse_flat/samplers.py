@@ -1,0 +1,151 @@
+"""Metropolis-Hastings chains of negatives, one per data-set sample: the state behind EMC².
+
+For every anchor ``x_i`` of the data set the sampler keeps a Markov chain over its negatives whose stationary
+distribution is the softmax ``p_i(z) ∝ exp(s(x_i, z))`` over the *whole* data set (``s = cos / τ``). A chain is
+two numbers: the data-set index of its current negative ``Z_i`` and the log-score ``s(x_i, Z_i)`` from when that
+score was last computed. Log-scores, not ``exp`` scores: ``exp(1 / 0.05) = 5e8`` already strains fp16 and
+``exp(1 / 0.01)`` overflows fp32. That is 12 bytes a sample (int64 + fp32), so 12 MB for a million sentences.
+
+One step, for each anchor of the batch (Metropolis-Hastings with an independent uniform proposal):
+
+1. propose ``Z'`` uniformly among the anchor's in-batch negatives. The batch is a uniform sample of the data set
+   drawn independently of the chain, so this is a uniform draw from the data set that happens to be encoded
+   already: the proposal is symmetric and the ratio below needs no correction;
+2. accept with probability ``min(1, exp(s(x, Z') - s(x, Z)))``, computed as ``log U < s(x, Z') - s(x, Z)`` in fp32
+   on the training device. ``s(x, Z)`` is recomputed when ``Z`` is visible (in the batch, or encoded by the caller)
+   and read from the chain otherwise. An empty chain (score ``-inf``) accepts its first proposal.
+
+Chains carry over between steps and epochs (EMC²'s warm start). Randomness comes from a generator the sampler
+owns, seeded and saved with the state, so a resumed run makes the same draws as an uninterrupted one whatever the
+global RNG did in between.
+
+With several processes each process updates the chains of its own anchors, then all-gathers the updated rows so
+every process holds the same full state (what a checkpoint written by one process must contain). The generator
+draws numbers for the anchors of *all* processes and each uses its slice: every process keeps the same generator
+state, and ``W`` processes of ``B`` anchors make the same moves as one process with the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .distributed import gather_no_grad, rank_offset, world_size
+
+
+class McmcStep(NamedTuple):
+    """Where each anchor's chain stands after a step."""
+
+    column: Tensor  # (B,) candidate column holding the chain's negative; -1 when that negative is not in the batch
+    accepted: Tensor  # (B,) bool: the proposal was accepted (its column is ``column``)
+
+
+class McmcNegativeSampler(nn.Module):
+    """Per-sample Metropolis-Hastings chains over negatives; buffers ``negative_ids`` and ``log_scores``.
+
+    Args:
+        dataset_size: number of samples ``m``; one chain each. Sample ids index the buffers directly.
+        seed: seed of the sampler's own generator.
+    """
+
+    def __init__(self, dataset_size: int, seed: int = 0) -> None:
+        super().__init__()
+        if dataset_size < 2:
+            raise ValueError(f"MCMC negative sampling needs a data set of at least 2 samples, got {dataset_size}")
+        # -1 / -inf: an empty chain, whose first proposal is always accepted
+        self.register_buffer("negative_ids", torch.full((dataset_size,), -1, dtype=torch.int64))
+        self.register_buffer("log_scores", torch.full((dataset_size,), float("-inf"), dtype=torch.float32))
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # CPU: the same draws whatever the training device
+
+    @property
+    def dataset_size(self) -> int:
+        return self.negative_ids.numel()
+
+    def get_extra_state(self) -> dict:
+        # saved inside state_dict(), so a checkpoint of the loss carries the generator too
+        return {"generator": self.generator.get_state(), "seed": self.seed}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self.generator.set_state(state["generator"])
+
+    def negatives_to_encode(self, anchor_ids: Tensor) -> Tensor:
+        """Data-set index of each anchor's current negative (the anchor itself for an empty chain: any row will do).
+
+        A trainer that encodes these with the current model and passes them to the loss as ``chain_negatives``
+        gets the exact EMC² gradient estimate; see :class:`simcse_flat.losses.emc2.EMC2Loss`.
+        """
+        current = self.negative_ids[anchor_ids]
+        return torch.where(current >= 0, current, anchor_ids)
+
+    @torch.no_grad()
+    def step(
+        self,
+        scores: Tensor,
+        proposable: Tensor,
+        anchor_ids: Tensor,
+        candidate_ids: Tensor,
+        current_scores: Tensor | None = None,
+    ) -> McmcStep:
+        """One MH transition of each anchor's chain.
+
+        Args:
+            scores: ``(B, N)`` fp32 ``s(x_i, c_j)``.
+            proposable: ``(B, N)`` bool, the columns that are negatives of anchor ``i``, one column per data-set id.
+            anchor_ids: ``(B,)`` data-set index of each anchor.
+            candidate_ids: ``(N,)`` data-set index of each candidate.
+            current_scores: ``(B,)`` fresh ``s(x_i, Z_i)`` of each chain's current negative, when the caller has
+                encoded it (ignored for empty chains).
+        """
+        self._check_ids(anchor_ids, candidate_ids)
+        rows = torch.arange(scores.size(0), device=scores.device)
+        u_pick, u_accept = self._uniforms(scores.size(0), scores.device)
+        proposal = _pick_uniformly(proposable, u_pick)
+        current = self.negative_ids[anchor_ids]
+        visible = _column_of(current, candidate_ids, proposable)
+        score_now = torch.where(visible >= 0, scores[rows, visible.clamp(min=0)], self.log_scores[anchor_ids])
+        if current_scores is not None:
+            score_now = torch.where(current >= 0, current_scores.float(), score_now)
+        proposed = scores[rows, proposal.clamp(min=0)]
+        accepted = (proposal >= 0) & (u_accept.log() < proposed - score_now)
+        self._store(
+            anchor_ids,
+            torch.where(accepted, candidate_ids[proposal.clamp(min=0)], current),
+            torch.where(accepted, proposed, score_now),
+        )
+        return McmcStep(torch.where(accepted, proposal, visible), accepted)
+
+    def _uniforms(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Two ``U[0, 1)`` draws per anchor, this process's slice of the draws for every process's anchors."""
+        draws = torch.rand(2, world_size() * batch, generator=self.generator)
+        mine = draws[:, rank_offset(batch) : rank_offset(batch) + batch].to(device)
+        return mine[0], mine[1]
+
+    def _store(self, anchor_ids: Tensor, negative_ids: Tensor, log_scores: Tensor) -> None:
+        ids = gather_no_grad(anchor_ids)  # every process writes every process's rows: one identical state
+        self.negative_ids[ids] = gather_no_grad(negative_ids)
+        self.log_scores[ids] = gather_no_grad(log_scores)
+
+    def _check_ids(self, anchor_ids: Tensor, candidate_ids: Tensor) -> None:
+        # an id past the end would be a device-side assert on GPU; say what is wrong instead
+        low = int(torch.minimum(anchor_ids.min(), candidate_ids.min()))
+        high = int(torch.maximum(anchor_ids.max(), candidate_ids.max()))
+        if low < 0 or high >= self.dataset_size:
+            raise ValueError(f"sample ids must lie in [0, {self.dataset_size}), the data-set size; got {low}..{high}")
+
+
+def _pick_uniformly(allowed: Tensor, u: Tensor) -> Tensor:
+    """For each row, the ``floor(u * count)``-th allowed column: uniform over the allowed ones; -1 if there is none."""
+    count = allowed.sum(dim=1)
+    k = (u * count).long().clamp(max=count - 1)  # u < 1, the clamp only guards fp rounding
+    column = (allowed.cumsum(dim=1) > k[:, None]).int().argmax(dim=1)  # first column past k allowed ones
+    return torch.where(count > 0, column, -1)
+
+
+def _column_of(ids: Tensor, candidate_ids: Tensor, allowed: Tensor) -> Tensor:
+    """Allowed column whose candidate id is ``ids[i]`` (unique when ``allowed`` keeps one column per id), else -1."""
+    match = (candidate_ids[None, :] == ids[:, None]) & allowed
+    return torch.where(match.any(dim=1), match.int().argmax(dim=1), -1)
