@@ -41,7 +41,7 @@ def main() -> None:
         sts_table=_sts_table(args.sts_results) if args.sts_results else None,
         command="accelerate launch train.py --config training_config.yaml" if config else None,
         train_data=config.get("train_file"),
-        data_license=args.data_license,
+        data_license=args.data_license or config.get("data_license"),
         citation=loss_class(loss_name).citation,
     )
     training_config = yaml.safe_dump(config, sort_keys=False) if config else None

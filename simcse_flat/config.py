@@ -1,7 +1,7 @@
 """Run configuration: typed dataclasses, filled from a yaml file and then the command line.
 
 ``train.py --config configs/x.yaml --learning_rate 1e-5`` reads the yaml, then lets every flag override it.
-Parsing is ``transformers.HfArgumentParser``; what it lacks we add: one yaml for all four dataclasses, and
+Parsing is ``transformers.HfArgumentParser``; what it lacks we add: one yaml for all the dataclasses, and
 unknown keys rejected with the closest valid name. Where ``transformers.TrainingArguments`` has a name for a
 setting we use it, so SimCSE and HF users feel at home.
 """
@@ -43,7 +43,10 @@ class DataArguments:
         metadata={"help": ".txt (one sentence a line: unsupervised), .csv with sent0,sent1[,hard_neg] (supervised), or a hub dataset id."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only N examples: the first N sentences, or N images drawn at random."}
+    )
+    data_license: str | None = field(default=None, metadata={"help": "Licence of the training data, for the model card."})
 
 
 @dataclass
@@ -53,14 +56,25 @@ class LossArguments:
     hard_negative_weight: float = field(default=0.0, metadata={"help": "Added to the hard negative's logit (SimCSE)."})
     sogclr_gamma: float = field(default=0.9, metadata={"help": "SogCLR: moving-average rate of u."})
     dcl_weight_sigma: float | None = field(default=None, metadata={"help": "DCL: σ of the DCLW weighting (off if unset)."})
+    emc2_refresh_negatives: bool = field(
+        default=True,
+        metadata={"help": "EMC²: re-encode each chain's negative every step (exact gradient, one more forward of B "
+                  "rows); off: anchors whose negative is not in the batch are skipped (cheaper, biased)."},
+    )
 
 
 @dataclass
 class TrainingArguments:
     output_dir: str = field(default="runs/quickstart", metadata={"help": "Checkpoints, logs and the final model."})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Sentences (not views) per process."})
+    per_device_train_batch_size: int = field(
+        default=64, metadata={"help": "Examples (sentences, images; not views) per process."}
+    )
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-5
+    learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate, before lr_scaling."})
+    lr_scaling: str = field(
+        default="none", metadata={"help": "none | linear (lr·B/256) | sqrt (lr·√B), B examples a step (FlatCLR)."}
+    )
+    optim: str = field(default="adamw", metadata={"help": "adamw (fused) | sgd (momentum 0.9) | lars (SimCLR)."})
     weight_decay: float = 0.0
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 turns it off."})
     num_train_epochs: float = 1.0
@@ -85,7 +99,28 @@ class TrainingArguments:
     run_name: str | None = None
 
 
-ALL_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, TrainingArguments)
+@dataclass
+class VisionArguments:
+    """Read only with ``modality: vision`` (SimCLR / FlatCLR); the text path ignores them."""
+
+    vision_dataset: str = field(
+        default="fashion_mnist", metadata={"help": "cifar10 | cifar100 | stl10 | fashion_mnist | imagefolder"}
+    )
+    data_root: str = field(
+        default="data/vision",
+        metadata={"help": "torchvision root; for fashion_mnist also a folder of the four IDX .gz files."},
+    )
+    download: bool = field(default=False, metadata={"help": "Let torchvision download the data set (needs network)."})
+    image_size: int | None = field(default=None, metadata={"help": "Crop size in pixels; unset: the data set's own."})
+    min_crop_scale: float = field(default=0.08, metadata={"help": "Smallest area fraction of the random crop."})
+    color_jitter_strength: float = field(default=0.5, metadata={"help": "SimCLR's s: 0.5 on CIFAR, 1.0 on ImageNet."})
+    arch: str = field(default="resnet18", metadata={"help": "resnet18 | resnet34 | resnet50 (torchvision, untrained)."})
+    cifar_stem: bool = field(default=True, metadata={"help": "3x3 stride-1 first conv, no max-pool (small images)."})
+    projection_hidden_dim: int | None = field(default=None, metadata={"help": "Head's hidden width; unset: features'."})
+    projection_dim: int = field(default=128, metadata={"help": "Output of the projection head (the loss's space)."})
+
+
+ALL_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, TrainingArguments, VisionArguments)
 
 
 @dataclass
@@ -94,10 +129,12 @@ class RunConfig:
     data: DataArguments
     loss: LossArguments
     training: TrainingArguments
+    vision: VisionArguments = field(default_factory=VisionArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat ``{key: value}``, the same shape as the yaml, so it can be saved and re-read."""
-        return {k: v for part in (self.model, self.data, self.loss, self.training) for k, v in dataclasses.asdict(part).items()}
+        parts = (self.model, self.data, self.loss, self.training, self.vision)
+        return {k: v for part in parts for k, v in dataclasses.asdict(part).items()}
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -185,3 +222,28 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("gradient_accumulation_steps must be >= 1")
     if config.loss.temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {config.loss.temperature}")
+    _check_choice("optim", training.optim, ("adamw", "sgd", "lars"))
+    _check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
+    if config.model.modality == "vision":
+        _validate_vision(config.vision)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def _validate_vision(vision: VisionArguments) -> None:
+    try:
+        from .data.vision import DATASETS
+        from .models.vision import ARCHS
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("torchvision"):
+            raise
+        raise ConfigError("modality vision needs torchvision: pip install 'simcse_flat[vision]'") from err
+    _check_choice("vision_dataset", vision.vision_dataset, tuple(DATASETS))
+    _check_choice("arch", vision.arch, ARCHS)
+    if not 0 < vision.min_crop_scale <= 1:
+        raise ConfigError(f"min_crop_scale must be in (0, 1], got {vision.min_crop_scale}")

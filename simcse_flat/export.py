@@ -90,20 +90,26 @@ def model_card(
     data_license: str | None = None,
     steps: int | None = None,
     citation: str = "",
+    modality: str = "text",
 ) -> str:
     """A README.md with the hub's metadata header: what was trained, on what, how, and how well."""
+    text = modality == "text"
     header = {
-        "library_name": "sentence-transformers",
-        "pipeline_tag": "sentence-similarity",
-        "tags": ["sentence-transformers", "sentence-similarity", "simcse_flat", str(loss_config.get("loss", ""))],
-    }
-    if base_model and not base_model.startswith(("package:", "/", ".")):
+        "library_name": "sentence-transformers" if text else "pytorch",
+        "pipeline_tag": "sentence-similarity" if text else "image-feature-extraction",
+        "tags": [*(["sentence-transformers", "sentence-similarity"] if text else ["simclr", "vision"]),
+                 "simcse_flat", str(loss_config.get("loss", ""))],
+    }  # fmt: skip
+    from .models.text import PACKAGED_MODELS
+
+    base_model = PACKAGED_MODELS.get(base_model, base_model)
+    if text and base_model and not base_model.startswith(("package:", "/", ".")):
         header["base_model"] = base_model
     lines = ["---", *(_yaml_line(k, v) for k, v in header.items()), "---", ""]
     lines += [
         f"# {Path(config.get('output_dir', 'model')).name} (simcse_flat)",
         "",
-        "A sentence-embedding model trained with simcse_flat "
+        f"A{' sentence' if text else 'n image'}-embedding model trained with simcse_flat "
         f"using the **{loss_config.get('loss')}** contrastive loss.",
         "",
         "## Training",
@@ -112,33 +118,51 @@ def model_card(
         "|---|---|",
         f"| base model | `{base_model}` |",
         *(f"| {k} | `{v}` |" for k, v in loss_config.items()),
-        f"| pooler | `{config.get('pooler')}` (mlp_only_train: {config.get('mlp_only_train')}) |",
+        *(_text_rows(config) if text else _vision_rows(config)),
         f"| batch size per device | {config.get('per_device_train_batch_size')} |",
         f"| gradient accumulation | {config.get('gradient_accumulation_steps')} |",
         f"| learning rate | {config.get('learning_rate')} |",
-        f"| max sequence length | {config.get('max_seq_length')} |",
         f"| optimizer steps | {steps} |",
-        f"| training data | `{train_data or config.get('train_file')}` |",
+        f"| training data | `{train_data or (config.get('train_file') if text else config.get('vision_dataset'))}` |",
         f"| data licence | {data_license or 'see the data source'} |",
         "",
     ]
     if sts_table:
-        lines += ["## Evaluation (Spearman × 100, cosine)", "", "```", sts_table.rstrip(), "```", ""]
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "model = SentenceTransformer('PATH_OR_HUB_ID')",
-        "embeddings = model.encode(['A man is playing a guitar.', 'Someone plays an instrument.'])",
-        "```",
-        "",
-    ]
+        title = "Evaluation (Spearman × 100, cosine)" if text else "Evaluation"
+        lines += [f"## {title}", "", "```", sts_table.rstrip(), "```", ""]
+    lines += ["## Usage", "", "```python", *(_TEXT_USAGE if text else _VISION_USAGE), "```", ""]
     if command:
         lines += ["## Reproduce", "", "```", command, "```", ""]
     if citation:
         lines += ["## Citation", "", "```bibtex", citation.strip(), "```", ""]
     return "\n".join(lines)
+
+
+_TEXT_USAGE = [
+    "from sentence_transformers import SentenceTransformer",
+    "model = SentenceTransformer('PATH_OR_HUB_ID')",
+    "embeddings = model.encode(['A man is playing a guitar.', 'Someone plays an instrument.'])",
+]
+_VISION_USAGE = [
+    "from simcse_flat.vision import load_encoder",
+    "encoder = load_encoder('PATH')  # pip install 'simcse_flat[vision]'",
+    "features = encoder.encode(images)  # (N, D) representations, taken before the projection head",
+]
+
+
+def _text_rows(config: dict) -> list[str]:
+    return [
+        f"| pooler | `{config.get('pooler')}` (mlp_only_train: {config.get('mlp_only_train')}) |",
+        f"| max sequence length | {config.get('max_seq_length')} |",
+    ]
+
+
+def _vision_rows(config: dict) -> list[str]:
+    return [
+        f"| encoder | `{config.get('arch')}` (CIFAR stem: {config.get('cifar_stem')}) |",
+        f"| image size | {config.get('image_size')} |",
+        f"| optimizer | `{config.get('optim')}` (lr scaling: {config.get('lr_scaling')}) |",
+    ]
 
 
 def _yaml_line(key: str, value) -> str:

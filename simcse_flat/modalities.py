@@ -22,9 +22,11 @@ class TrainingParts:
     model: nn.Module  # forward(**batch) -> (V*B, D) embeddings, view-major
     dataset: Dataset  # items are dicts carrying their data-set index as "idx"
     collate_fn: Callable[[list[dict]], dict]
-    save_model: Callable[[nn.Module, Path, str | None], object]  # (unwrapped model, folder, model card or None)
+    save_model: Callable[[nn.Module, Path], object]  # (unwrapped model, folder); the loop adds card and config
     description: str  # one line for the start-of-run summary
     symmetric: bool = False  # also score view 1 against view 0 (SimCLR); SimCSE scores one direction
+    # the positive view alone, for EMC²'s chain negatives; unset: collate_fn, keeping view 1
+    collate_positives: Callable[[list[dict]], dict] | None = None
 
 
 def text_parts(config: RunConfig) -> TrainingParts:
@@ -41,11 +43,13 @@ def text_parts(config: RunConfig) -> TrainingParts:
     )
     dataset = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
     kind = "supervised (sent0, sent1, hard_neg)" if is_supervised(dataset) else "unsupervised (dropout views)"
+    collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length)
     return TrainingParts(
         model=encoder,
         dataset=IndexedDataset(dataset),
-        collate_fn=ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length),
-        save_model=lambda model, path, card: save_sentence_transformers_folder(model, path, model_card=card),
+        collate_fn=collator,
+        collate_positives=collator.positives,
+        save_model=save_sentence_transformers_folder,
         description=f"{len(dataset)} {kind} examples from {config.data.train_file}",
     )
 

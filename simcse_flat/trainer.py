@@ -33,7 +33,8 @@ from .data.text import DataError
 from .export import model_card
 from .losses import build_loss
 from .modalities import build_parts
-from .views import contrastive_loss_on_views
+from .optim import build_optimizer
+from .views import contrastive_loss_on_views, split_views
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
     if len(dataset) < world_batch:
         raise DataError(f"{parts.description}: fewer examples than one batch of {world_batch}")
     loss_fn = build_loss(config.loss.loss, dataset_size=len(dataset), **_loss_kwargs(config))
-    optimizer = _adamw(_param_groups(encoder, args.weight_decay), args.learning_rate, accelerator.device)
+    step_batch = world_batch * args.gradient_accumulation_steps  # what lr_scaling scales by
+    optimizer = build_optimizer(_param_groups(encoder, args.weight_decay), args, accelerator.device, step_batch)
 
     encoder, optimizer, loader = accelerator.prepare(encoder, optimizer, loader)
     loss_fn.to(accelerator.device)
@@ -130,6 +132,12 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
     history: list[dict[str, float]] = []
     running: dict[str, float] = {}
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    chains = _chain_negative_encoder(encoder, loss_fn, parts, accelerator.device) if _refreshes_chains(config) else None
+    evaluating = evaluator is not None and args.eval_steps > 0
+    last_eval: dict | None = None
+    if evaluating and state.step == 0:  # the starting point, for the before/after line; never "best"
+        last_eval = _evaluate(accelerator, encoder, evaluator, None, state, output_dir, history)
+    baseline = last_eval
     window_start, window_step = time.perf_counter(), state.step  # wall time per step since the last log
     encoder.train()
     while state.step < total_steps:
@@ -140,7 +148,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")
                 embeddings = encoder(**batch)
-                loss, metrics = contrastive_loss_on_views(loss_fn, embeddings, sample_ids, parts.symmetric)
+                loss, metrics = contrastive_loss_on_views(loss_fn, embeddings, sample_ids, parts.symmetric, chains)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
@@ -163,8 +171,8 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
                 _log(accelerator, output_dir, history, {"step": state.step, **row})
                 progress.set_postfix(loss=f"{row['loss']:.4g}", infonce=f"{row['infonce']:.3g}")
             running.clear()
-            if evaluator is not None and args.eval_steps > 0 and state.step % args.eval_steps == 0:
-                _evaluate(accelerator, encoder, evaluator, parts.save_model, state, output_dir, history)
+            if evaluating and (state.step % args.eval_steps == 0 or state.step == total_steps):
+                last_eval = _evaluate(accelerator, encoder, evaluator, parts.save_model, state, output_dir, history)
             if args.save_steps > 0 and state.step % args.save_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
             if state.step >= total_steps:
@@ -179,7 +187,11 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
         save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
     final = output_dir / "final"
     if accelerator.is_main_process:
-        _export(parts.save_model, accelerator.unwrap_model(encoder), final, config, loss_fn, state)
+        table = _results_table(evaluator, last_eval)
+        _export(parts.save_model, accelerator.unwrap_model(encoder), final, config, loss_fn, state, table)
+        if evaluating and state.best_step is not None:
+            _write_best_card(output_dir / "best", config, loss_fn, evaluator)
+            _print_before_after(accelerator, baseline, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, final, state, history)
@@ -198,19 +210,33 @@ def _loss_kwargs(config: RunConfig) -> dict:
     return kwargs
 
 
+def _refreshes_chains(config: RunConfig) -> bool:
+    return config.loss.loss == "emc2" and config.loss.emc2_refresh_negatives
+
+
+def _chain_negative_encoder(encoder, loss_fn, parts, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """EMC²'s extra forward pass: embed each anchor's current chain negative (its positive view) with the
+    current model, with gradient, so the negative term of the gradient is exact (as the official code does)."""
+
+    def encode(sample_ids: torch.Tensor) -> torch.Tensor:
+        examples = [parts.dataset[i] for i in loss_fn.sampler.negatives_to_encode(sample_ids).tolist()]
+        if parts.collate_positives is not None:
+            batch = parts.collate_positives(examples)
+            return encoder(**{k: v.to(device) for k, v in batch.items()})
+        batch = parts.collate_fn(examples)
+        batch.pop("sample_ids")
+        return split_views(encoder(**{k: v.to(device) for k, v in batch.items()}), len(examples))[1]
+
+    return encode
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    """No weight decay on biases and norm weights (the usual BERT recipe; SimCLR's too)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where torch has one: ~8x faster than the per-tensor loop (a tenth of a
-    MiniLM step on a CPU), and what transformers' Trainer uses by default."""
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu"))
 
 
 def _config_yaml(config: RunConfig) -> str:
@@ -247,8 +273,10 @@ def _log(accelerator: Accelerator, output_dir: Path, history: list, row: dict) -
             handle.write(json.dumps(row) + "\n")
 
 
-def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, output_dir: Path, history: list) -> None:
-    """Run the evaluator on the main process and keep ``best/``, without touching the training RNG."""
+def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, output_dir: Path, history: list) -> dict | None:
+    """Run the evaluator on the main process and keep ``best/`` (unless ``save_model`` is None: the baseline),
+    without touching the training RNG. Returns the results on the main process."""
+    results = None
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(encoder)
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
@@ -256,42 +284,87 @@ def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, ou
         with torch.random.fork_rng(devices=devices):
             results = evaluator(model)
             metric = results[results["primary_metric"]]
-            if state.best_metric is None or metric > state.best_metric:
+            if save_model is not None and (state.best_metric is None or metric > state.best_metric):
                 state.best_metric, state.best_step = metric, state.step
-                save_model(model, output_dir / "best", None)
+                save_model(model, output_dir / "best")
+                (output_dir / "best" / "eval_results.json").write_text(json.dumps({"step": state.step, **results}))
         row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         _log(accelerator, output_dir, history, {"step": state.step, **row})
         accelerator.print(f"step {state.step}: {results['primary_metric']} = {metric:.2f}")
     # only the main process writes trainer_state.json, so only it needs to know the best metric
     accelerator.wait_for_everyone()
+    return results
 
 
-def _export(save_model, model, path: Path, config: RunConfig, loss_fn, state: TrainState) -> None:
-    card = model_card(
-        base_model=config.model.model_name_or_path,
+def _results_table(evaluator, results: dict | None) -> str | None:
+    """The evaluator's own table (``evaluator.format``, e.g. the STS table) or ``key  value`` lines."""
+    if results is None:
+        return None
+    if hasattr(evaluator, "format"):
+        return evaluator.format(results)
+    return "\n".join(f"{k:32s} {v:.4g}" for k, v in results.items() if isinstance(v, (int, float)))
+
+
+def _write_best_card(best: Path, config: RunConfig, loss_fn, evaluator) -> None:
+    """``best/`` was saved mid-run without a card; give it one with the figures of its own step."""
+    results = json.loads((best / "eval_results.json").read_text())
+    _write_card(best, config, loss_fn, results.pop("step"), _results_table(evaluator, results))
+
+
+def _print_before_after(accelerator, baseline: dict | None, state: TrainState) -> None:
+    before = baseline[baseline["primary_metric"]] if baseline else None
+    start = f"{before:.2f} before training -> " if before is not None else ""
+    accelerator.print(f"{start}best {state.best_metric:.2f} at step {state.best_step} (saved in best/)")
+
+
+def _export(save_model, model, path: Path, config: RunConfig, loss_fn, state: TrainState, table: str | None) -> None:
+    save_model(model, path)
+    _write_card(path, config, loss_fn, state.step, table)
+
+
+def _write_card(folder: Path, config: RunConfig, loss_fn, steps: int | None, table: str | None) -> None:
+    """The model card, and the resolved config its "Reproduce" command points at."""
+    (folder / "README.md").write_text(_card(config, loss_fn, steps, table))
+    (folder / "training_config.yaml").write_text(_config_yaml(config))
+
+
+def _card(config: RunConfig, loss_fn, steps: int | None, table: str | None) -> str:
+    text = config.model.modality == "text"
+    return model_card(
+        base_model=config.model.model_name_or_path if text else f"{config.vision.arch}, random init",
         loss_config=loss_fn.get_config_dict(),
         config=config.to_dict(),
+        sts_table=table,
         command="accelerate launch train.py --config training_config.yaml",
-        steps=state.step,
+        data_license=config.data.data_license,
+        steps=steps,
+        modality=config.model.modality,
         citation=loss_fn.citation,
     )
-    save_model(model, path, card)
-    (path / "training_config.yaml").write_text(_config_yaml(config))
 
 
 def sts_evaluator(config: RunConfig) -> Callable[[torch.nn.Module], dict]:
     """The evaluator ``eval_steps`` uses: STS tasks of ``eval_tasks`` on ``eval_split`` (SimCSE: STS-B dev)."""
-    from .evaluation.sts import evaluate_sts
+    from .evaluation.sts import evaluate_sts, format_sts_table, load_sts_tasks
 
     args = config.training
+    tasks = load_sts_tasks(args.eval_tasks, args.eval_data_dir, args.eval_split)  # read (and checked) once
 
     def evaluate(encoder) -> dict:  # a SentenceEncoder
-        return evaluate_sts(encoder.encode, tasks=args.eval_tasks, data_dir=args.eval_data_dir, split=args.eval_split)
+        return evaluate_sts(encoder.encode, tasks=tasks)
 
+    evaluate.format = format_sts_table
     return evaluate
 
 
 def train_from_config(config: RunConfig) -> TrainResult:
-    """``train`` with the STS evaluator when ``eval_steps`` asks for one: what ``train.py`` runs."""
-    evaluator = sts_evaluator(config) if config.training.eval_steps > 0 else None
+    """``train`` with the evaluator ``eval_steps`` asks for (STS for text, kNN accuracy for vision): what
+    ``train.py`` runs."""
+    evaluator = None
+    if config.training.eval_steps > 0 and config.model.modality == "vision":
+        from .vision import knn_evaluator
+
+        evaluator = knn_evaluator(config)
+    elif config.training.eval_steps > 0:
+        evaluator = sts_evaluator(config)
     return train(config, evaluator)

@@ -8,6 +8,8 @@ so), and the indices are offset by this process's rank, as in open_clip's ``loca
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,11 @@ def split_views(embeddings: Tensor, batch_size: int) -> Tensor:
 
 
 def contrastive_loss_on_views(
-    loss_fn: ContrastiveLoss, embeddings: Tensor, sample_ids: Tensor, symmetric: bool = False
+    loss_fn: ContrastiveLoss,
+    embeddings: Tensor,
+    sample_ids: Tensor,
+    symmetric: bool = False,
+    encode_chain_negatives: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Score the anchors of this process against the candidates of all processes.
 
@@ -31,22 +37,29 @@ def contrastive_loss_on_views(
       mirrored direction (view 1 as anchors) and averages, as SimCLR / CLIP do. SimCSE uses one direction.
     * 3 views (SimCSE sup): candidates are all positives then all hard negatives; each anchor's own hard
       negative is marked so the loss can weight it.
+
+    ``encode_chain_negatives`` (EMC²): maps the anchors' sample ids to fresh embeddings of their chain negatives;
+    it is called right before each loss call, since a call moves the chains.
     """
     batch = sample_ids.size(0)
     views = split_views(embeddings, batch)  # (V, B, D)
     gathered = [gather_with_grad(v) for v in views]  # each (W*B, D)
     all_ids = gather_no_grad(sample_ids)  # (W*B,)
     own = rank_offset(batch) + torch.arange(batch, device=embeddings.device)  # my rows in a gathered view
+
+    def score(anchors: Tensor, candidates: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+        if encode_chain_negatives is not None:
+            kwargs["chain_negatives"] = encode_chain_negatives(sample_ids)
+        return loss_fn(anchors, candidates, own, anchor_ids=sample_ids, **kwargs)
+
     if views.size(0) == 3:
         candidates = torch.cat(gathered[1:])  # (2*W*B, D): positives, then hard negatives
-        return loss_fn(
-            views[0], candidates, own,
-            anchor_ids=sample_ids, candidate_ids=all_ids.repeat(2), hard_negative_index=own + world_size() * batch,
-        )  # fmt: skip
+        hard_negative = own + world_size() * batch
+        return score(views[0], candidates, candidate_ids=all_ids.repeat(2), hard_negative_index=hard_negative)
     if views.size(0) != 2:
         raise ValueError(f"expected 2 or 3 views, got {views.size(0)}")
-    loss, metrics = loss_fn(views[0], gathered[1], own, anchor_ids=sample_ids, candidate_ids=all_ids)
+    loss, metrics = score(views[0], gathered[1], candidate_ids=all_ids)
     if not symmetric:
         return loss, metrics
-    loss_back, metrics_back = loss_fn(views[1], gathered[0], own, anchor_ids=sample_ids, candidate_ids=all_ids)
+    loss_back, metrics_back = score(views[1], gathered[0], candidate_ids=all_ids)
     return (loss + loss_back) / 2, {k: (v + metrics_back[k]) / 2 for k, v in metrics.items()}

@@ -87,10 +87,11 @@ def test_evaluation_does_not_change_training(tiny_bert, tmp_path):
 
     plain = train(_config(tiny_bert, tmp_path / "a", "--max_steps", "6", "--save_steps", "0"))
     evaluated = train(_config(tiny_bert, tmp_path / "b", "--max_steps", "6", "--save_steps", "0", "--eval_steps", "2"), evaluator)
-    assert len(calls) == 3
+    assert len(calls) == 4  # the starting point, then steps 2, 4, 6
     assert _losses(plain) == pytest.approx(_losses(evaluated), abs=1e-7)
     assert (tmp_path / "b" / "run" / "best" / "modules.json").exists()
-    assert evaluated.state.best_step == 6
+    assert evaluated.state.best_step == 6  # the score rises with each call; the starting point is never "best"
+    assert "| optimizer steps | 6 |" in (tmp_path / "b" / "run" / "best" / "README.md").read_text()
 
 
 def test_gradient_accumulation_steps_count_optimizer_steps(tiny_bert, tmp_path):

