@@ -1,0 +1,348 @@
+"""The STS evaluator: SentEval-folder quirks, hand-computed Spearman aggregations, one encode call, the hub path,
+parity with sentence-transformers' evaluator on the real data, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from simcse_flat.evaluation import (
+    StsDataError,
+    StsPair,
+    StsTask,
+    evaluate_sts,
+    format_sts_table,
+    load_hub_task,
+    load_senteval_task,
+    load_sts_tasks,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SICK_HEADER = "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment"
+STS13 = "STS/STS13-en-test"
+
+
+def write_sts_subsets(root: Path, folder: str, subsets: dict[str, list[tuple[str, str, str]]]) -> Path:
+    """``STS.input.<subset>.txt`` and ``STS.gs.<subset>.txt`` from ``(sentence1, sentence2, gold)`` rows."""
+    path = root / folder
+    path.mkdir(parents=True, exist_ok=True)
+    for subset, rows in subsets.items():
+        (path / f"STS.input.{subset}.txt").write_text("".join(f"{a}\t{b}\n" for a, b, _ in rows), encoding="utf-8")
+        (path / f"STS.gs.{subset}.txt").write_text("".join(f"{gold}\n" for *_, gold in rows), encoding="utf-8")
+    return path
+
+
+def write_sts13(root: Path) -> Path:
+    """A miniature STS13: three sub-sets, blank gold lines in one, an orphan SMT gold file as in the real data."""
+    folder = write_sts_subsets(root, STS13, {
+        "FNWN": [("a man is playing a guitar .", "a man plays a guitar .", "4.8"),
+                 ("a dog runs .", "a cat sits .", "0.4")],
+        "headlines": [("two dogs play", "a woman is eating", ""), ("the red car", "a red car", "4"),
+                      ("kids run", "no", ""), ("a man sings", "a woman sings", "1.6")],
+        "OnWN": [("a child is riding a horse", "a horse", "2.25"), ("a cat", "the cat", "4.5")],
+    })  # fmt: skip
+    (folder / "STS.gs.SMT.txt").write_text("3.0\n")  # SentEval skips SMT: its input file is not distributed
+    return root
+
+
+def write_stsb(root: Path, split: str, lines: list[str]) -> Path:
+    path = root / "STS" / "STSBenchmark" / f"sts-{split}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def write_sick(root: Path, name: str, rows: list[str], line_end: str = "\n") -> Path:
+    path = root / "SICK" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes("".join(line + line_end for line in [SICK_HEADER, *rows]).encode("utf-8"))
+    return path
+
+
+def stsb_line(score: str, sentence1: str, sentence2: str) -> str:
+    return "\t".join(["main-captions", "MSRvid", "2012test", "0001", score, sentence1, sentence2])
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def test_senteval_subsets_skip_blank_gold_lines(tmp_path):
+    task = load_senteval_task("sts13", write_sts13(tmp_path))
+    assert list(task.subsets) == ["FNWN", "headlines", "OnWN"] and task.aggregated
+    assert task.subsets["headlines"] == [
+        StsPair("the red car", "a red car", 4.0),
+        StsPair("a man sings", "a woman sings", 1.6),
+    ]
+    assert task.subsets["FNWN"][1] == StsPair("a dog runs .", "a cat sits .", 0.4)
+    assert len(task.pairs) == 6  # lines 1 and 3 of headlines are unscored
+
+
+def test_stsb_reads_tabs_with_bare_quotes_and_no_csv_quoting(tmp_path):
+    write_stsb(tmp_path, "test", [
+        stsb_line("2.500", '"the man said', 'hello " to all'),  # csv quoting would merge this row with the next
+        stsb_line("0", "a  man ,   with spaces", '"quoted"'),
+        stsb_line("5.000", "a 'single' quote", "it ' s"),
+    ])  # fmt: skip
+    task = load_senteval_task("stsb", tmp_path)
+    assert task.pairs == [
+        StsPair('"the man said', 'hello " to all', 2.5),
+        StsPair("a man , with spaces", '"quoted"', 0.0),  # whitespace normalised, as SentEval's split/join
+        StsPair("a 'single' quote", "it ' s", 5.0),
+    ]
+    assert not task.aggregated
+
+
+def test_sick_reads_crlf_skips_header_and_maps_dev_to_trial(tmp_path):
+    write_sick(tmp_path, "SICK_test_annotated.txt", ["1\tA man plays \tA man is playing\t4.5\tENTAILMENT"], "\r\n")
+    write_sick(tmp_path, "SICK_trial.txt", ["7\tA dog\tA cat\t1\tNEUTRAL", "8\tTwo kids\tKids\t3.6\tNEUTRAL"])
+    assert load_senteval_task("sickr", tmp_path).pairs == [StsPair("A man plays", "A man is playing", 4.5)]
+    assert [pair.score for pair in load_senteval_task("sickr", tmp_path, "dev").pairs] == [1.0, 3.6]
+
+
+@pytest.mark.parametrize(
+    ("gold", "problem"),
+    [
+        ("nan", "not a finite number"),
+        ("5.5", r"outside \[0, 5\]"),
+        ("-1", r"outside \[0, 5\]"),
+        ("four", "not a number"),
+    ],
+)
+def test_bad_gold_score_names_file_and_line(tmp_path, gold, problem):
+    write_sts13(tmp_path)
+    gold_file = tmp_path / STS13 / "STS.gs.FNWN.txt"
+    gold_file.write_text(f"4.8\n{gold}\n")
+    with pytest.raises(StsDataError, match=problem) as caught:
+        load_senteval_task("sts13", tmp_path)
+    assert f"{gold_file}:2:" in str(caught.value)
+
+
+def test_wrong_number_of_tab_fields_names_file_and_line(tmp_path):
+    write_sts13(tmp_path)
+    input_file = tmp_path / STS13 / "STS.input.headlines.txt"
+    input_file.write_text("two dogs play\ta woman\nthe red car a red car\nkids run\tno\na man\ta woman\n")  # 2: no TAB
+    with pytest.raises(StsDataError, match="expected 2 TAB-separated fields, found 1") as caught:
+        load_senteval_task("sts13", tmp_path)
+    assert f"{input_file}:2:" in str(caught.value)
+
+    stsb_file = write_stsb(tmp_path, "test", [stsb_line("1", "a", "b"), "main-news\tx\t2013\t3.0\tonly six\tfields"])
+    with pytest.raises(StsDataError, match=f"{stsb_file}:2: expected 7 TAB-separated fields, found 6"):
+        load_senteval_task("stsb", tmp_path)
+
+
+def test_missing_folder_file_header_and_empty_file_are_clear_errors(tmp_path):
+    with pytest.raises(StsDataError, match="STS data folder not found"):
+        load_senteval_task("stsb", tmp_path / "absent")
+    with pytest.raises(StsDataError, match=f"task folder not found: {tmp_path / 'STS' / 'STS12-en-test'}"):
+        load_senteval_task("sts12", tmp_path)
+    with pytest.raises(StsDataError, match=f"file not found: {tmp_path / 'STS' / 'STSBenchmark' / 'sts-dev.csv'}"):
+        load_senteval_task("stsb", tmp_path, "dev")
+    write_stsb(tmp_path, "test", [])
+    with pytest.raises(StsDataError, match="sts-test.csv: the file is empty"):
+        load_senteval_task("stsb", tmp_path)
+    write_sick(tmp_path, "SICK_test_annotated.txt", [])
+    with pytest.raises(StsDataError, match="no pairs after the header"):
+        load_senteval_task("sickr", tmp_path)
+    (tmp_path / "SICK" / "SICK_test_annotated.txt").write_text("1\tA man\tA woman\t2.0\tNEUTRAL\n")
+    with pytest.raises(StsDataError, match=r"SICK_test_annotated.txt:1: expected the header"):
+        load_senteval_task("sickr", tmp_path)
+
+
+def test_input_and_gold_files_must_align(tmp_path):
+    write_sts13(tmp_path)
+    (tmp_path / STS13 / "STS.gs.OnWN.txt").write_text("2.25\n4.5\n3.0\n")
+    with pytest.raises(StsDataError, match="STS.input.OnWN.txt has 2 lines but .*STS.gs.OnWN.txt has 3"):
+        load_senteval_task("sts13", tmp_path)
+
+
+def test_unknown_tasks_and_splits_are_refused(tmp_path):
+    with pytest.raises(StsDataError, match="unknown STS task 'sts17'"):
+        load_senteval_task("sts17", tmp_path)
+    with pytest.raises(StsDataError, match="sts13 has only a 'test' split"):
+        load_senteval_task("sts13", write_sts13(tmp_path), "dev")
+    with pytest.raises(StsDataError, match="each STS task may be requested once"):
+        load_sts_tasks(["sts13", "sts13"], tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- hub (monkeypatched)
+
+
+def fake_hub(monkeypatch, rows: dict[str, list]) -> list[tuple]:
+    """Replace ``datasets.load_dataset`` by an in-memory ``Dataset``; returns the calls it gets."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, split=None, **kwargs):
+        calls.append((path, split))
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_loader_maps_dev_to_validation(monkeypatch):
+    rows = {"sentence1": ["a  dog", "a cat"], "sentence2": ["a dog", "a car"], "score": [5.0, 0.8]}
+    calls = fake_hub(monkeypatch, rows)
+    task = load_hub_task("stsb", "dev")
+    assert calls == [("mteb/stsbenchmark-sts", "validation")]
+    assert task.pairs == [StsPair("a dog", "a dog", 5.0), StsPair("a cat", "a car", 0.8)]
+    assert load_hub_task("sts12").aggregated and calls[-1] == ("mteb/sts12-sts", "test")
+
+
+def test_hub_loader_checks_splits_columns_scores_and_network(monkeypatch):
+    calls = fake_hub(monkeypatch, {"sentence1": ["a"], "sentence2": ["b"], "score": [float("nan")]})
+    with pytest.raises(StsDataError, match="mteb/sickr-sts has no 'dev' split"):
+        load_hub_task("sickr", "dev")
+    assert calls == []  # refused before any download
+    with pytest.raises(StsDataError, match=r"mteb/sts15-sts \(test\) row 0: gold score nan is not a finite number"):
+        load_hub_task("sts15")
+    fake_hub(monkeypatch, {"text": ["a"], "score": [1.0]})
+    with pytest.raises(StsDataError, match=r"missing columns \['sentence1', 'sentence2'\]"):
+        load_hub_task("sts16")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'mteb/sts14-sts' on the Hub")
+
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(StsDataError, match="Offline, pass a SentEval-layout folder as data_dir"):
+        load_hub_task("sts14")
+
+
+def test_evaluate_sts_reads_the_hub_without_data_dir(monkeypatch):
+    rows = {"sentence1": ["anchor"] * 3, "sentence2": ["cos 0.1", "cos 0.5", "cos 0.3"], "score": [1, 3, 2]}
+    fake_hub(monkeypatch, rows)
+    results = evaluate_sts(CosineEncoder(), ["sts12", "stsb"])
+    assert results["sts12_all_spearman"] == pytest.approx(100) and results["sts12_wmean_spearman"] == pytest.approx(100)
+    assert "sts12_test_spearman" not in results  # one unnamed sub-set: no per-sub-set figure
+    assert results["stsb_spearman"] == pytest.approx(100) and results["primary_metric"] == "avg_spearman"
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+class CosineEncoder:
+    """Records each call; embeds ``"anchor"`` as ``3 e0``, ``"cos C"`` at cosine C from it (scaled, to test the
+    normalisation), and any other sentence as a fixed pseudo-random 2-d vector."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, sentences: list[str], batch_size: int = 8) -> np.ndarray:
+        self.calls.append(list(sentences))
+        return np.array([self.embed(sentence) for sentence in sentences], dtype=np.float32)
+
+    @staticmethod
+    def embed(sentence: str) -> list[float]:
+        if sentence == "anchor":
+            return [3.0, 0.0]
+        if sentence.startswith("cos "):
+            c = float(sentence.removeprefix("cos "))
+            return [3 * c, 3 * math.sqrt(1 - c * c)]
+        return np.random.default_rng(zlib.crc32(sentence.encode())).normal(size=2).tolist()
+
+
+def pairs(gold: list[float], cosines: list[float]) -> list[StsPair]:
+    return [StsPair("anchor", f"cos {c}", g) for g, c in zip(gold, cosines)]
+
+
+def test_all_wmean_and_avg_match_hand_computation():
+    x, y = pairs([1, 2, 3], [0.1, 0.3, 0.2]), pairs([1.5, 2.5, 3.5, 4.5], [0.4, 0.5, 0.6, 0.7])
+    sts = StsTask("sts", {"x": x, "y": y}, aggregated=True)
+    stsb = StsTask("stsb", {"test": pairs([0, 1, 2, 3, 4], [0.2, 0.1, 0.3, 0.5, 0.4])})
+    results = evaluate_sts(CosineEncoder(), [sts, stsb])
+    # x: rank differences (0, -1, 1): 1 - 6*2/(3*8) = 0.5; y: perfectly ordered = 1
+    assert results["sts_x_spearman"] == pytest.approx(50) and results["sts_y_spearman"] == pytest.approx(100)
+    assert results["sts_wmean_spearman"] == pytest.approx((3 * 50 + 4 * 100) / 7)
+    # all, pooled: gold ranks (1,3,5,2,4,6,7) vs cosine ranks (1,3,2,4,5,6,7): sum d^2 = 14 -> 1 - 6*14/(7*48) = 0.75
+    assert results["sts_all_spearman"] == pytest.approx(75)
+    # stsb: d = (-1, 1, 0, -1, 1): 1 - 6*4/(5*24) = 0.8
+    assert results["stsb_spearman"] == pytest.approx(80)
+    assert results["avg_spearman"] == pytest.approx((75 + 80) / 2)
+    assert (results["sts_n_pairs"], results["stsb_n_pairs"], results["primary_metric"]) == (7, 5, "avg_spearman")
+
+
+def test_each_distinct_sentence_is_encoded_once_across_tasks(tmp_path):
+    write_sts13(tmp_path)
+    shared = [stsb_line("4", "a man plays a guitar .", "a dog runs ."), stsb_line("1", "the red car", "x")]
+    write_stsb(tmp_path, "test", shared)  # three of its four sentences are also in sts13
+    encoder = CosineEncoder()
+    results = evaluate_sts(encoder, ["sts13", "stsb"], data_dir=tmp_path, batch_size=4)
+    (call,) = encoder.calls
+    expected = {s for name in ("sts13", "stsb") for pair in load_senteval_task(name, tmp_path).pairs for s in pair[:2]}
+    assert len(call) == len(set(call)) and set(call) == expected
+    assert "two dogs play" not in call  # unscored pairs are never encoded
+    assert results["primary_metric"] == "avg_spearman" and results["sts13_n_pairs"] == 6
+
+
+def test_single_task_headline_and_torch_output():
+    task = StsTask("sickr", {"test": pairs([1, 2, 3], [0.1, 0.2, 0.3])})
+    results = evaluate_sts(lambda sentences: torch.from_numpy(CosineEncoder()(sentences)), [task])
+    assert results["primary_metric"] == "sickr_spearman" and results["sickr_spearman"] == pytest.approx(100)
+
+
+def test_table_shows_each_task_the_average_and_the_aggregation():
+    sts = StsTask("sts12", {"x": pairs([1, 2, 3], [0.1, 0.3, 0.2]), "y": pairs([1, 2], [0.1, 0.2])}, aggregated=True)
+    table = format_sts_table(evaluate_sts(CosineEncoder(), [sts, StsTask("stsb", {"test": pairs([1, 2], [0.2, 0.1])})]))
+    lines = table.splitlines()
+    assert lines[0].split() == ["task", "pairs", "spearman", "wmean"]
+    assert lines[1].split()[:2] == ["sts12", "5"] and lines[2].split() == ["stsb", "2", "-100.00"]
+    assert lines[3].split()[0] == "avg" and "'all' aggregation" in lines[4]
+
+
+# ------------------------------------------------------------------------------ real data and command line
+
+
+@pytest.mark.slow
+def test_minilm_matches_sentence_transformers_evaluator(shared_data, minilm_path):
+    """STS-B test and SICK-R test: our figure equals EmbeddingSimilarityEvaluator's on the same pairs."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    from simcse_flat.models.text import SentenceEncoder
+
+    max_seq_length = 64  # the same truncation on both sides; modest, to keep the test short
+    tasks = load_sts_tasks(["stsb", "sickr"], shared_data / "senteval")
+    assert [len(task.pairs) for task in tasks] == [1379, 4927]
+    encoder = SentenceEncoder.from_pretrained(minilm_path, pooler="mean", max_seq_length=max_seq_length)
+    ours = evaluate_sts(encoder.encode, tasks, batch_size=64)
+    model = SentenceTransformer(minilm_path, device="cpu")
+    model.max_seq_length = max_seq_length
+    for task in tasks:
+        evaluator = EmbeddingSimilarityEvaluator(
+            *zip(*task.pairs), batch_size=64, similarity_fn_names=["cosine"], name=task.name, write_csv=False
+        )
+        theirs = 100 * evaluator(model)[evaluator.primary_metric]
+        assert ours[f"{task.name}_spearman"] == pytest.approx(theirs, abs=0.01)
+
+
+def test_cli_writes_table_and_json(tiny_bert, tmp_path):
+    write_sts13(tmp_path)
+    write_stsb(tmp_path, "dev", [stsb_line("4", "a man is playing", "a man plays"), stsb_line("1", "a dog", "the car"),
+                                 stsb_line("2.5", "two women", "some people")])  # fmt: skip
+    output = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate_sts.py"), str(tiny_bert), "--pooler", "mean", "--tasks", "stsb",
+         "--split", "dev", "--data_dir", str(tmp_path), "--output", str(output), "--batch_size", "2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    saved = json.loads(output.read_text())
+    assert saved["settings"]["split"] == "dev" and saved["settings"]["max_seq_length"] == 64  # the tiny BERT's max
+    assert saved["results"]["stsb_n_pairs"] == 3 and saved["results"]["primary_metric"] == "stsb_spearman"
+    assert f"{saved['results']['stsb_spearman']:.2f}" in run.stdout
+
+    bad = subprocess.run([sys.executable, str(ROOT / "evaluate_sts.py"), str(tiny_bert), "--tasks", "sts13", "--split",
+                          "dev", "--data_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "error: sts13 has only a 'test' split (SimCSE selects checkpoints on stsb dev)"
