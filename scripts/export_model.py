@@ -53,9 +53,9 @@ def main() -> None:
 
 
 def _sts_table(results_file: str) -> str:
-    from simcse_flat.evaluation.sts import format_table
+    from simcse_flat.evaluation.sts import format_sts_table
 
-    return format_table(json.loads(open(results_file).read()))
+    return format_sts_table(json.loads(open(results_file).read()))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ class ModelArguments:
     )
     pooler: str = field(default="cls", metadata={"help": "cls | cls_before_pooler | mean | avg_first_last"})
     mlp_only_train: bool = field(default=False, metadata={"help": "Use the cls MLP in training only (SimCSE unsup)."})
-    max_seq_length: int = field(default=32, metadata={"help": "Tokens per sentence in training (SimCSE: 32)."})
+    max_seq_length: int = field(
+        default=32, metadata={"help": "Tokens per sentence in training (SimCSE: 32); evaluation and export use the model's own limit."}
+    )
 
 
 @dataclass

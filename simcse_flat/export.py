@@ -153,7 +153,7 @@ _VISION_USAGE = [
 def _text_rows(config: dict) -> list[str]:
     return [
         f"| pooler | `{config.get('pooler')}` (mlp_only_train: {config.get('mlp_only_train')}) |",
-        f"| max sequence length | {config.get('max_seq_length')} |",
+        f"| max sequence length (training) | {config.get('max_seq_length')} |",
     ]
 
 
@@ -213,7 +213,6 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
         config["model_name_or_path"],
         pooler=config["pooler"],
         mlp_only_train=config["mlp_only_train"],
-        max_seq_length=config["max_seq_length"],
     )
     encoder.load_state_dict(load_file(path / "model.safetensors"))
     return encoder, config

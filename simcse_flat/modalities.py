@@ -39,8 +39,7 @@ def text_parts(config: RunConfig) -> TrainingParts:
         config.model.model_name_or_path,
         pooler=config.model.pooler,
         mlp_only_train=config.model.mlp_only_train,
-        max_seq_length=config.model.max_seq_length,
-    )
+    )  # its max_seq_length stays the inference length; the collator truncates training text
     dataset = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
     kind = "supervised (sent0, sent1, hard_neg)" if is_supervised(dataset) else "unsupervised (dropout views)"
     collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length)

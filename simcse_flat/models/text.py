@@ -92,7 +92,9 @@ class SentenceEncoder(nn.Module):
         mlp_only_train: SimCSE's unsupervised trick: the ``cls`` MLP is used in training only.
         normalize: L2-normalise the output of :meth:`encode` (carried over from a sentence-transformers folder
             with a ``Normalize`` module, so an exported model gives the same vectors as its source did).
-        max_seq_length: truncation length for :meth:`encode` and for the exported folder.
+        max_seq_length: truncation length at inference (:meth:`encode`, evaluation, the exported folder). Training
+            truncates separately (``config.model.max_seq_length``, SimCSE's 32): short training sequences are cheap,
+            but an embedding model must not cut every input at 32 tokens once deployed.
     """
 
     def __init__(
@@ -102,7 +104,7 @@ class SentenceEncoder(nn.Module):
         pooler: str = "cls",
         mlp_only_train: bool = False,
         normalize: bool = False,
-        max_seq_length: int = 32,
+        max_seq_length: int = 512,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -211,7 +213,8 @@ class SentenceEncoder(nn.Module):
             pooler=pooler,
             mlp_only_train=mlp_only_train,
             normalize=st.get("normalize", False),
-            max_seq_length=max_seq_length or st.get("max_seq_length") or 32,
+            # a sentence-transformers folder says its length; else the position limit, at most 512 (as SimCSE evaluates)
+            max_seq_length=max_seq_length or st.get("max_seq_length") or min(512, config.max_position_embeddings),
         )
         if encoder.mlp is not None and "dense_state" in st:
             encoder.mlp.dense.load_state_dict(st["dense_state"])
