@@ -14,8 +14,11 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from accelerate import Accelerator
 
@@ -99,3 +102,23 @@ def _write_synced(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty folder to fill; at the end it replaces ``path`` in one rename.
+
+    An exception (or a kill) leaves ``path`` as it was: a half-written model never stands where a finished one did.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        folder = scratch / "folder"
+        folder.mkdir()
+        yield folder
+        if path.exists():
+            shutil.rmtree(path)
+        folder.rename(path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

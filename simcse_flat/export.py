@@ -8,13 +8,14 @@ gives the trainer's embeddings; :meth:`SentenceEncoder.from_pretrained` reads it
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .checkpoint import atomic_folder
 
 if TYPE_CHECKING:
     from .models.text import SentenceEncoder
@@ -54,15 +55,10 @@ def save_sentence_transformers_folder(
     """
     from sentence_transformers import SentenceTransformer
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
-        backbone_dir = tmp / "_backbone"
+    with atomic_folder(path) as out, tempfile.TemporaryDirectory() as backbone_dir:
         encoder.backbone.save_pretrained(backbone_dir)
         encoder.tokenizer.save_pretrained(backbone_dir)
-        model = SentenceTransformer(modules=sentence_transformers_modules(encoder, str(backbone_dir)), device="cpu")
-        out = tmp / "model"
+        model = SentenceTransformer(modules=sentence_transformers_modules(encoder, backbone_dir), device="cpu")
         model.save(str(out), create_model_card=False)
         (out / "simcse_flat.json").write_text(
             json.dumps({"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train}, indent=2)
@@ -71,12 +67,7 @@ def save_sentence_transformers_folder(
             (out / "README.md").write_text(model_card)
         if training_config is not None:
             (out / "training_config.yaml").write_text(training_config)
-        if path.exists():
-            shutil.rmtree(path)
-        out.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def model_card(

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torchvision
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ..checkpoint import atomic_folder
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 CONFIG_FILE = "vision_config.json"
@@ -94,18 +94,10 @@ class VisionEncoder(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``vision_config.json`` and ``model.safetensors`` to ``path``, replacing it atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-        try:
-            (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        with atomic_folder(path) as folder:
+            (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        return Path(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "VisionEncoder":
