@@ -207,6 +207,8 @@ def _loss_kwargs(config: RunConfig) -> dict:
         kwargs["gamma"] = loss.sogclr_gamma
     if loss.loss == "dcl" and loss.dcl_weight_sigma is not None:
         kwargs["weight_sigma"] = loss.dcl_weight_sigma
+    if loss.loss == "emc2":
+        kwargs["seed"] = config.training.seed  # the chains' own generator, saved and restored with them
     return kwargs
 
 
