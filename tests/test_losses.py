@@ -145,3 +145,8 @@ def test_unknown_loss_names_the_closest():
 def test_one_candidate_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         InfoNCELoss()(torch.randn(1, 3), torch.randn(1, 3), torch.tensor([0]))
+
+
+def test_an_input_the_loss_does_not_take_is_an_error():
+    with pytest.raises(TypeError, match="infonce loss takes no chain_negatives"):
+        InfoNCELoss()(torch.randn(2, 3), torch.randn(2, 3), torch.arange(2), chain_negatives=torch.randn(2, 3))

@@ -86,15 +86,24 @@ class ContrastiveLoss(nn.Module):
         candidate_ids: Tensor | None = None,
         hard_negative_index: Tensor | None = None,
         exclude_index: Tensor | None = None,
+        **extra: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``extra``: inputs particular to one loss (EMC²'s ``chain_negatives``), see :meth:`extra_inputs`."""
         if candidates.size(0) < 2:
             raise ValueError("a contrastive loss needs at least 2 candidates (batch size >= 2)")
         logits = self.logits(anchors, candidates, hard_negative_index, exclude_index)
         loss, metrics = self.compute_loss_from_logits(
-            logits, positive_index, anchor_ids=anchor_ids, candidate_ids=candidate_ids
-        )
+            logits, positive_index, anchor_ids=anchor_ids, candidate_ids=candidate_ids,
+            **self.extra_inputs(anchors, **extra),
+        )  # fmt: skip
         metrics.update(logit_metrics(logits.detach(), positive_index))
         return loss, metrics
+
+    def extra_inputs(self, anchors: Tensor, **extra: Tensor) -> dict[str, Tensor]:
+        """Turn a loss's own inputs into keyword arguments of :meth:`compute_loss_from_logits`; none by default."""
+        if extra:
+            raise TypeError(f"the {self.name} loss takes no {', '.join(sorted(extra))}")
+        return {}
 
     def compute_loss_from_logits(
         self,

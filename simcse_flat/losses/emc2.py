@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..distributed import gather_no_grad, world_size
 from ..samplers import McmcNegativeSampler
-from .base import ContrastiveLoss, logit_metrics, negative_logsumexp, positive_logits
+from .base import ContrastiveLoss, negative_logsumexp, positive_logits
 
 
 class EMC2Loss(ContrastiveLoss):
@@ -98,29 +98,12 @@ class EMC2Loss(ContrastiveLoss):
     def get_config_dict(self) -> dict[str, float | str]:
         return {**super().get_config_dict(), "seed": self.sampler.seed}
 
-    def forward(
-        self,
-        anchors: Tensor,
-        candidates: Tensor,
-        positive_index: Tensor,
-        *,
-        anchor_ids: Tensor | None = None,
-        candidate_ids: Tensor | None = None,
-        hard_negative_index: Tensor | None = None,
-        exclude_index: Tensor | None = None,
-        chain_negatives: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The base contract plus ``chain_negatives`` ``(B, D)``: each anchor's chain negative, freshly encoded."""
-        if candidates.size(0) < 2:
-            raise ValueError("a contrastive loss needs at least 2 candidates (batch size >= 2)")
-        logits = self.logits(anchors, candidates, hard_negative_index, exclude_index)
-        chain_logits = None if chain_negatives is None else self.paired_logits(anchors, chain_negatives)
-        loss, metrics = self._estimate(logits, positive_index, anchor_ids, candidate_ids, chain_logits)
-        metrics.update(logit_metrics(logits.detach(), positive_index))
-        return loss, metrics
+    def extra_inputs(self, anchors: Tensor, chain_negatives: Tensor | None = None) -> dict[str, Tensor | None]:
+        """``chain_negatives`` ``(B, D)``: each anchor's chain negative, freshly encoded (optional, see above)."""
+        return {"chain_logits": None if chain_negatives is None else self.paired_logits(anchors, chain_negatives)}
 
-    def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None):
-        return self._estimate(logits, positive_index, anchor_ids, candidate_ids, None)
+    def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None, chain_logits=None):
+        return self._estimate(logits, positive_index, anchor_ids, candidate_ids, chain_logits)
 
     def paired_logits(self, anchors: Tensor, others: Tensor) -> Tensor:
         """``(B,)`` fp32 ``cos(a_i, o_i) / τ``, row against row."""
