@@ -30,12 +30,17 @@ class DataError(ValueError):
     """Bad training data; the message names the file and line."""
 
 
-def _read_utf8_lines(path: Path) -> list[str]:
+def read_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = "training file") -> list[str]:
+    """The lines of a UTF-8 file, split on LF only (never on other Unicode breaks), without a trailing CR or a BOM.
+
+    A missing or empty file, or a line that is not UTF-8, raises ``error`` naming the file (and the line, the byte
+    and its column). Shared by the training data and the STS readers.
+    """
     if not path.is_file():
-        raise DataError(f"training file not found: {path}")
-    raw = path.read_bytes()
+        raise error(f"{kind} not found: {path}")
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     if not raw.strip():
-        raise DataError(f"{path}: the file is empty")
+        raise error(f"{path}: the file is empty")
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the final newline ends the last line; it does not start an empty one
@@ -44,14 +49,14 @@ def _read_utf8_lines(path: Path) -> list[str]:
         try:
             decoded.append(line.decode("utf-8").removesuffix("\r"))
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid UTF-8 (byte {line[err.start]:#04x} at column {err.start + 1})") from None
+            raise error(f"{path}:{number}: not valid UTF-8 (byte {line[err.start]:#04x} at column {err.start + 1})") from None
     return decoded
 
 
 def read_sentences(path: str | Path) -> list[str]:
     """One sentence a line; blank lines are an error (SimCSE would train on them as empty sentences)."""
     path = Path(path)
-    lines = _read_utf8_lines(path)
+    lines = read_utf8_lines(path)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise DataError(f"{path}:{number}: blank line (remove it: an empty sentence is no training example)")
@@ -61,7 +66,7 @@ def read_sentences(path: str | Path) -> list[str]:
 def read_triples(path: str | Path) -> dict[str, list[str]]:
     """A csv with header ``sent0,sent1`` or ``sent0,sent1,hard_neg``; every field non-empty."""
     path = Path(path)
-    text = "\n".join(_read_utf8_lines(path))
+    text = "\n".join(read_utf8_lines(path))
     reader = csv.reader(io.StringIO(text))
     header = next(reader)
     columns = [h.strip() for h in header]

@@ -37,7 +37,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from ..data.text import DataError
+from ..data.text import DataError, read_utf8_lines
 
 TASK_NAMES = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 
@@ -248,21 +248,7 @@ def _read_pair_file(path: Path, layout: _PairFileFormat) -> list[StsPair]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 file, split on LF only (never on other Unicode breaks), each without a trailing CR."""
-    if not path.is_file():
-        raise StsDataError(f"STS data file not found: {path}")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise StsDataError(f"{path}: the file is empty")
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        number = raw.count(b"\n", 0, err.start) + 1
-        raise StsDataError(f"{path}:{number}: not valid UTF-8") from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it does not start an empty one
-    return [line.removesuffix("\r") for line in lines]
+    return read_utf8_lines(path, StsDataError, kind="STS data file")
 
 
 def _split_fields(line: str, n_fields: int, where: str) -> list[str]:
