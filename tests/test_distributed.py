@@ -13,6 +13,8 @@ from torch import nn
 from simcse_flat.losses import build_loss
 from simcse_flat.views import contrastive_loss_on_views
 
+from conftest import end_worker, loopback_init_method
+
 BATCH, DIM, VIEWS_OF = 4, 6, {"unsup": 2, "sup": 3}
 
 
@@ -31,8 +33,8 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, world: int, init_file: str, mode: str, loss_name: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         model = nn.parallel.DistributedDataParallel(_encoder())
         inputs, ids = _inputs(world, VIEWS_OF[mode])
@@ -46,6 +48,7 @@ def _worker(rank: int, world: int, init_file: str, mode: str, loss_name: str, ou
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_worker()
 
 
 @pytest.mark.parametrize("mode", ["unsup", "sup"])
@@ -53,7 +56,7 @@ def _worker(rank: int, world: int, init_file: str, mode: str, loss_name: str, ou
 def test_two_gloo_processes_give_the_single_process_gradient(tmp_path, mode, loss_name):
     world = 2
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), mode, loss_name, out), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, loopback_init_method(), mode, loss_name, out), nprocs=world, join=True)
     two_process = torch.load(out)
 
     model = _encoder()

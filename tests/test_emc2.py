@@ -21,6 +21,8 @@ from simcse_flat.losses.emc2 import negative_columns
 from simcse_flat.samplers import McmcNegativeSampler
 from simcse_flat.views import contrastive_loss_on_views
 
+from conftest import end_worker, loopback_init_method
+
 TAU = 0.3
 
 
@@ -307,8 +309,8 @@ def _train(model: nn.Module, loss_fn, part: slice) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-def _worker(rank: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _worker(rank: int, init_method: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = {}
@@ -320,12 +322,13 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_worker()
 
 
 def test_two_gloo_processes_hold_one_state_and_match_one_process(tmp_path):
     # one spawn for both stateful losses: starting the processes is most of the cost
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(loopback_init_method(), out), nprocs=WORLD, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
     for name in STATEFUL:
         loss_fn = build_loss(name, dataset_size=SAMPLES, temperature=TAU)
