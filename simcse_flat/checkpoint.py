@@ -49,6 +49,11 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR
 
 
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives (whether or not it was written)."""
+    return checkpoint_root(output_dir) / f"checkpoint-{step:08d}"
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first (folders still named ``.tmp`` are not checkpoints)."""
     root = checkpoint_root(output_dir)
@@ -71,7 +76,7 @@ def resolve_resume_path(resume_from: str, output_dir: str | Path) -> Path | None
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainState, config_yaml: str, keep_last: int) -> Path:
     """Write a checkpoint atomically (temp folder, then rename) and keep only the last ``keep_last``."""
-    final = checkpoint_root(output_dir) / f"checkpoint-{state.step:08d}"
+    final = checkpoint_path(output_dir, state.step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving

@@ -13,7 +13,6 @@ is contrasted only with itself, which is exactly where FlatNCE and EMC² help.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import TrainState, list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
+from .checkpoint import TrainState, checkpoint_path, list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
 from .config import RunConfig
 from .data.text import DataError
 from .export import model_card
@@ -36,7 +35,6 @@ from .modalities import build_parts
 from .optim import build_optimizer
 from .views import contrastive_loss_on_views, split_views
 
-logger = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler[int]):
@@ -183,7 +181,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
     progress.close()
 
     # ---- the end: last checkpoint, final model ------------------------------------------------------------------
-    if not any(p.name == f"checkpoint-{state.step:08d}" for p in list_checkpoints(output_dir)):
+    if checkpoint_path(output_dir, state.step) not in list_checkpoints(output_dir):
         save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
     final = output_dir / "final"
     if accelerator.is_main_process:
