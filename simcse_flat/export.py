@@ -1,8 +1,10 @@
 """Model folders users can publish: sentence-transformers layout, a model card, optional push to the hub.
 
 The folder is written by sentence-transformers' own modules (``Transformer`` → ``Pooling`` → ``Dense`` + tanh where
-the MLP head is kept → ``Normalize`` where the source model had it), so ``SentenceTransformer(path)`` loads it and
-gives the trainer's embeddings; :meth:`SentenceEncoder.from_pretrained` reads it back.
+the MLP head is kept → ``Normalize`` where the source model had it; ``avg_first_last`` puts a
+``WeightedLayerPooling`` with weight 1 on the first and last layers before a mean ``Pooling``), so
+``SentenceTransformer(path)`` loads it and gives the trainer's embeddings; :meth:`SentenceEncoder.from_pretrained`
+reads it back.
 """
 
 from __future__ import annotations
@@ -21,19 +23,29 @@ if TYPE_CHECKING:
     from .models.text import SentenceEncoder
 
 try:  # sentence-transformers >= 6 moved the modules; older releases only have the old path
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Dense,
+        Normalize,
+        Pooling,
+        Transformer,
+        WeightedLayerPooling,
+    )
 except ImportError:  # pragma: no cover - depends on the installed release
-    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer, WeightedLayerPooling
 
 
 def sentence_transformers_modules(encoder: "SentenceEncoder", backbone_dir: str) -> list[nn.Module]:
     """The sentence-transformers pipeline equivalent to ``encoder`` in inference mode."""
-    if encoder.pooler == "avg_first_last":
-        raise ValueError(
-            "the avg_first_last pooler has no sentence-transformers Pooling mode; export a model trained with "
-            "cls, cls_before_pooler or mean pooling"
-        )
     dim = encoder.embedding_dim
+    if encoder.pooler == "avg_first_last":
+        # the backbone hands every layer on (output_hidden_states, saved in its config.json), then
+        # WeightedLayerPooling averages layers 1.. with weight 1 on the first and the last (SimCSE's "first" is
+        # the first transformer layer, not the embeddings), then a masked mean over tokens, as our pooler does
+        transformer = Transformer(
+            backbone_dir, max_seq_length=encoder.max_seq_length, config_kwargs={"output_hidden_states": True}
+        )
+        return [transformer, first_last_layer_pooling(dim, encoder.backbone.config.num_hidden_layers),
+                Pooling(dim, pooling_mode="mean")]  # fmt: skip
     transformer = Transformer(backbone_dir, max_seq_length=encoder.max_seq_length)
     modules: list[nn.Module] = [transformer, Pooling(dim, pooling_mode="mean" if encoder.pooler == "mean" else "cls")]
     if encoder.pooler == "cls" and not encoder.mlp_only_train:
@@ -43,6 +55,13 @@ def sentence_transformers_modules(encoder: "SentenceEncoder", backbone_dir: str)
     if encoder.normalize:
         modules.append(Normalize())
     return modules
+
+
+def first_last_layer_pooling(dim: int, num_layers: int) -> nn.Module:
+    """``WeightedLayerPooling`` over layers ``1..num_layers`` giving ``(h_1 + h_L) / 2`` (a parameter, so it is saved)."""
+    weights = torch.zeros(num_layers)
+    weights[[0, -1]] = 1.0
+    return WeightedLayerPooling(dim, num_hidden_layers=num_layers, layer_start=1, layer_weights=nn.Parameter(weights))
 
 
 def save_sentence_transformers_folder(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -13,7 +15,8 @@ SENTENCES = ["a man is playing a guitar", "the dog runs in the park", "two child
 
 @pytest.mark.parametrize(
     ("pooler", "mlp_only_train", "has_dense"),
-    [("mean", False, False), ("cls", False, True), ("cls", True, False), ("cls_before_pooler", False, False)],
+    [("mean", False, False), ("cls", False, True), ("cls", True, False), ("cls_before_pooler", False, False),
+     ("avg_first_last", False, False)],
 )
 def test_sentence_transformers_gives_the_trainers_embeddings(tiny_bert, tmp_path, pooler, mlp_only_train, has_dense):
     encoder = SentenceEncoder.from_pretrained(str(tiny_bert), pooler=pooler, mlp_only_train=mlp_only_train)
@@ -24,7 +27,21 @@ def test_sentence_transformers_gives_the_trainers_embeddings(tiny_bert, tmp_path
     assert embeddings_match(encoder, tmp_path / "model", SENTENCES) < 1e-5
     # and our own loader reads the folder back to the same encoder
     reloaded = SentenceEncoder.from_pretrained(str(tmp_path / "model"))
+    assert reloaded.pooler == ("cls_before_pooler" if mlp_only_train else pooler)  # the same at inference
     torch.testing.assert_close(reloaded.encode(SENTENCES), encoder.encode(SENTENCES), atol=1e-5, rtol=0)
+
+
+def test_avg_first_last_is_the_first_and_last_layers_not_the_embeddings(tiny_bert, tmp_path):
+    # the exported pipeline must differ from mean pooling and from averaging the embedding layer with the last
+    encoder = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="avg_first_last")
+    encoder.save_pretrained(tmp_path / "model")
+    mean = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
+    assert embeddings_match(mean, tmp_path / "model", SENTENCES) > 1e-3
+    layer_pooling = json.loads((tmp_path / "model" / "modules.json").read_text())[1]
+    config = tmp_path / "model" / layer_pooling["path"] / "config.json"
+    config.write_text(config.read_text().replace('"layer_start": 1', '"layer_start": 0'))
+    with pytest.raises(ValueError, match="only the first-and-last-layer average"):
+        SentenceEncoder.from_pretrained(str(tmp_path / "model"))
 
 
 def test_packaged_minilm_round_trips_with_its_normalisation(minilm_path, tmp_path):

@@ -254,13 +254,16 @@ def _read_sentence_transformers_folder(path: str) -> dict:
                 mode = mode[0] if len(mode) == 1 else None
             if mode not in ("cls", "mean"):
                 raise ValueError(f"{folder / 'config.json'}: pooling mode {mode!r} has no simcse_flat pooler")
-            info["pooler"] = "cls_before_pooler" if mode == "cls" else "mean"
+            if info.get("pooler") != "avg_first_last" or mode != "mean":  # a layer pooling came first
+                info["pooler"] = "cls_before_pooler" if mode == "cls" else "mean"
         elif kind == "Dense":
             info["dense_state"] = _load_dense_state(folder)
             info["pooler"] = "cls"
         elif kind == "Normalize":
             info["normalize"] = True
-        elif kind == "FirstLastMeanPooling":
+        elif kind == "WeightedLayerPooling":
+            if not _is_first_last_average(folder):
+                raise ValueError(f"{folder}: only the first-and-last-layer average (avg_first_last) is supported")
             info["pooler"] = "avg_first_last"
     sbert_cfg = Path(path) / "sentence_bert_config.json"
     if sbert_cfg.exists():
@@ -268,11 +271,27 @@ def _read_sentence_transformers_folder(path: str) -> dict:
     return info
 
 
-def _load_dense_state(folder: Path) -> dict[str, Tensor]:
+def _is_first_last_average(folder: Path) -> bool:
+    """Whether a ``WeightedLayerPooling`` folder averages exactly the first transformer layer and the last."""
+    cfg = json.loads((folder / "config.json").read_text())
+    weights = _load_module_state(folder).get("layer_weights")
+    if cfg.get("layer_start") != 1 or weights is None or weights.numel() < 1:
+        return False
+    expected = torch.zeros_like(weights)
+    expected[[0, -1]] = weights[0]
+    return bool(weights[0] > 0) and torch.equal(weights, expected)
+
+
+def _load_module_state(folder: Path) -> dict[str, Tensor]:
     if (folder / "model.safetensors").exists():
         from safetensors.torch import load_file
 
-        state = load_file(folder / "model.safetensors")
-    else:
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {}
+
+
+def _load_dense_state(folder: Path) -> dict[str, Tensor]:
+    state = _load_module_state(folder)
     return {k.removeprefix("linear."): v for k, v in state.items() if k.startswith("linear.")}
