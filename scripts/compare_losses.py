@@ -1,34 +1,45 @@
-"""Train one recipe with several losses (and batch sizes) and compare them on one table.
+"""Train one recipe with several losses (and batch sizes, and seeds) and compare them on one table.
 
     python scripts/compare_losses.py --config configs/unsup_minilm_emc2.yaml --losses infonce flatnce sogclr emc2
     python scripts/compare_losses.py --config configs/quickstart.yaml --losses infonce flatnce --batch_sizes 4 16 64
+    python scripts/compare_losses.py --config configs/quickstart.yaml --losses infonce flatnce --seeds 1 2 3
+
+    python scripts/compare_losses.py --config configs/vision_fmnist_emc2.yaml --losses infonce flatnce emc2 \
+        --max_steps 3000                                                       # vision: + linear probe and kNN
 
 Everything but the loss (and the batch size) comes from the config, so the runs differ in one thing. Each run
 evaluates as its config says (``eval_steps``); the table gives the metric before training, the best metric and its
-step, the final InfoNCE / FlatNCE of the training logits, and the wall time. Extra ``--key value`` flags are passed
-to every run (e.g. ``--max_steps 50``).
+step, the final InfoNCE / FlatNCE of the training logits, and the wall time. A vision config adds the linear probe
+and kNN accuracy of each ``final/`` model (``--probe_train_samples`` / ``--probe_test_samples`` labelled images) and
+a first row for the same architecture untrained. Extra ``--key value`` flags are passed to every run (e.g.
+``--max_steps 50``).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
 from simcse_flat.cli import quiet_transformers
-from simcse_flat.config import parse_config
+from simcse_flat.config import RunConfig, parse_config
 from simcse_flat.trainer import train_from_config
 
 
-def run_one(config_file: str, loss: str, batch_size: int | None, out: Path, extra: list[str]) -> dict:
-    name = f"{loss}" + (f"_b{batch_size}" if batch_size else "")
+def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | None, out: Path, extra: list[str],
+            probe: dict) -> dict:  # fmt: skip
+    name = f"{loss}" + (f"_b{batch_size}" if batch_size else "") + (f"_seed{seed}" if seed is not None else "")
     argv = ["--config", config_file, "--loss", loss, "--output_dir", str(out / name), "--report_to", "none", *extra]
     if batch_size:
         argv += ["--per_device_train_batch_size", str(batch_size)]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
     config = parse_config(argv)
     start = time.perf_counter()
     result = train_from_config(config)
     seconds = time.perf_counter() - start
+    probed = linear_probe(config, result.final_model, **probe) if config.model.modality == "vision" else {}
     evals = [row for row in result.history if any(k.startswith("eval/") for k in row)]
     train_rows = [row for row in result.history if "loss" in row]
     primary = next((k for k in evals[0] if k.startswith("eval/") and k.endswith("_spearman")), None) if evals else None
@@ -41,30 +52,96 @@ def run_one(config_file: str, loss: str, batch_size: int | None, out: Path, extr
         "flatnce": train_rows[-1]["flatnce"] if train_rows else None,
         "steps": result.state.step,
         "seconds": seconds,
+        **probed,
     }
 
 
-def main() -> None:
+def linear_probe(config: RunConfig, model: Path | None, max_train: int, max_test: int) -> dict:
+    """Linear probe and kNN accuracy of a vision ``model`` folder; ``None``: the same architecture untrained."""
+    import torch
+
+    from simcse_flat.models.vision import VisionEncoder
+    from simcse_flat.vision import evaluate_encoder, load_encoder, model_config
+
+    torch.manual_seed(config.training.seed)
+    encoder = VisionEncoder(model_config(config.vision)) if model is None else load_encoder(model)
+    args = config.vision
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scores = evaluate_encoder(encoder, args.vision_dataset, args.data_root, download=args.download,
+                              max_train=max_train, max_test=max_test, device=device)  # fmt: skip
+    return {"linear": scores["linear_accuracy"], "knn": scores["knn_accuracy"]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--losses", nargs="+", default=["infonce", "flatnce"])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[None])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[None], help="one run per seed; default: the config's")
     parser.add_argument("--output_dir", default="runs/compare_losses")
-    args, extra = parser.parse_known_args()
+    parser.add_argument("--probe_train_samples", type=int, default=10_000, help="vision: labelled images to fit on")
+    parser.add_argument("--probe_test_samples", type=int, default=2_000, help="vision: labelled images to score")
+    args, extra = parser.parse_known_args(argv)
     quiet_transformers()
-    rows = [
-        run_one(args.config, loss, batch, Path(args.output_dir), extra)
+    probe = {"max_train": args.probe_train_samples, "max_test": args.probe_test_samples}
+    baseline = parse_config(["--config", args.config, *extra])
+    vision = baseline.model.modality == "vision"
+    rows = [{"run": "untrained", **linear_probe(baseline, None, **probe)}] if vision else []
+    rows += [
+        run_one(args.config, loss, batch, seed, Path(args.output_dir), extra, probe)
         for batch in args.batch_sizes
+        for seed in args.seeds
         for loss in args.losses
     ]
     print(f"\n{args.config} {' '.join(extra)}")
-    print("| run | before | best (step) | final infonce | final flatnce | steps | wall |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(format_table(rows))
+    if len(args.seeds) > 1:
+        print(format_seed_summary(rows))
+    return rows
+
+
+def format_seed_summary(rows: list[dict]) -> str:
+    """Mean ± standard deviation over the seeds of each loss (and batch size), for every metric the rows have."""
+    metrics = [k for k in ("best", "linear", "knn") if any(r.get(k) is not None for r in rows)]
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        before = f"{r['before']:.2f}" if r["before"] is not None else "-"
-        best = f"{r['best']:.2f} ({r['best_step']})" if r["best"] is not None else "-"
-        print(f"| {r['run']} | {before} | {best} | {r['infonce']:.3g} | {r['flatnce']:.3g} | {r['steps']} | "
-              f"{r['seconds'] / 60:.1f} min |")  # fmt: skip
+        if "_seed" in r["run"]:
+            groups.setdefault(r["run"].rsplit("_seed", 1)[0], []).append(r)
+    lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
+    for name, group in groups.items():
+        cells = []
+        for metric in metrics:
+            values = [r[metric] for r in group if r.get(metric) is not None]
+            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):.2f}{spread}" if values else "-")
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table; the probe columns only when some row has them."""
+    vision = any("linear" in r for r in rows)
+    lines = ["| run | before | best (step) | final infonce | final flatnce | steps | wall |"
+             + (" linear probe | kNN |" if vision else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if vision else "")]  # fmt: skip
+    for r in rows:
+        cells = [
+            r["run"],
+            _number(r.get("before")),
+            f"{r['best']:.2f} ({r['best_step']})" if r.get("best") is not None else "-",
+            _number(r.get("infonce"), ".3g"),
+            _number(r.get("flatnce"), ".3g"),
+            str(r["steps"]) if "steps" in r else "-",
+            f"{r['seconds'] / 60:.1f} min" if "seconds" in r else "-",
+        ]
+        if vision:
+            cells += [_number(r.get("linear")), _number(r.get("knn"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

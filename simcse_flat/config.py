@@ -58,6 +58,12 @@ class LossArguments:
     hard_negative_weight: float = field(default=0.0, metadata={"help": "Added to the hard negative's logit (SimCSE)."})
     sogclr_gamma: float = field(default=0.9, metadata={"help": "SogCLR: moving-average rate of u."})
     dcl_weight_sigma: float | None = field(default=None, metadata={"help": "DCL: σ of the DCLW weighting (off if unset)."})
+    emc2_proposals: int | None = field(
+        default=None,
+        metadata={"help": "EMC²: MH proposals per anchor and step. Unset: the official code's sweep, 2(B-1) for B "
+                  "samples a step, gradient averaged over its second half (mixes fast, leans toward the batch's "
+                  "softmax). 1: the paper's step, exactly invariant, but a chain moves at most once an epoch."},
+    )
     emc2_refresh_negatives: bool = field(
         default=True,
         metadata={"help": "EMC²: re-encode each chain's negative every step (exact gradient, one more forward of B "
@@ -71,7 +77,15 @@ class TrainingArguments:
     per_device_train_batch_size: int = field(
         default=64, metadata={"help": "Examples (sentences, images; not views) per process."}
     )
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step: a larger gradient batch, not more negatives."}
+    )
+    grad_cache_chunk_size: int = field(
+        default=0,
+        metadata={"help": "GradCache: encode the batch this many rows (every view counts) at a time and keep one "
+                  "chunk's activations: the whole batch's negatives in a chunk's memory, for one more forward "
+                  "pass. 0: off."},
+    )
     learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate, before lr_scaling."})
     lr_scaling: str = field(
         default="none", metadata={"help": "none | linear (lr·B/256) | sqrt (lr·√B), B examples a step (FlatCLR)."}
@@ -118,6 +132,11 @@ class VisionArguments:
     color_jitter_strength: float = field(default=0.5, metadata={"help": "SimCLR's s: 0.5 on CIFAR, 1.0 on ImageNet."})
     arch: str = field(default="resnet18", metadata={"help": "resnet18 | resnet34 | resnet50 (torchvision, untrained)."})
     cifar_stem: bool = field(default=True, metadata={"help": "3x3 stride-1 first conv, no max-pool (small images)."})
+    norm_layer: str = field(
+        default="batch",
+        metadata={"help": "batch (SimCLR) | group (GroupNorm 32, EMC²'s code) | none: group or none keep each "
+                  "sample's embedding independent of its batch, as EMC²'s per-sample chains assume."},
+    )
     projection_hidden_dim: int | None = field(default=None, metadata={"help": "Head's hidden width; unset: features'."})
     projection_dim: int = field(default=128, metadata={"help": "Output of the projection head (the loss's space)."})
 
@@ -222,6 +241,15 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"report_to must be tensorboard, wandb, all or none, got {training.report_to!r}")
     if training.gradient_accumulation_steps < 1:
         raise ConfigError("gradient_accumulation_steps must be >= 1")
+    if training.grad_cache_chunk_size < 0:
+        raise ConfigError(f"grad_cache_chunk_size must be >= 0 (0: off), got {training.grad_cache_chunk_size}")
+    if training.grad_cache_chunk_size and config.model.modality == "vision" and config.vision.norm_layer == "batch":
+        raise ConfigError(
+            "grad_cache_chunk_size needs an encoder whose rows do not mix: batch norm would see chunk statistics "
+            "and update its running statistics twice; set norm_layer: group (or none)"
+        )
+    if config.loss.emc2_proposals is not None and config.loss.emc2_proposals < 1:
+        raise ConfigError(f"emc2_proposals must be >= 1, got {config.loss.emc2_proposals}")
     if config.loss.temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {config.loss.temperature}")
     _check_choice("optim", training.optim, ("adamw", "sgd", "lars"))

@@ -15,6 +15,9 @@ One step, for each anchor of the batch (Metropolis-Hastings with an independent 
    on the training device. ``s(x, Z)`` is recomputed when ``Z`` is visible (in the batch, or encoded by the caller)
    and read from the chain otherwise. An empty chain (score ``-inf``) accepts its first proposal.
 
+A step may make ``K`` such transitions in a row (``proposals``: the official code sweeps the batch, ``K = 2(B-1)``)
+and reports how long each anchor's chain held each state after the first ``K // 2`` (burn-in).
+
 Chains carry over between steps and epochs (EMC²'s warm start). Randomness comes from a generator the sampler
 owns, seeded and saved with the state, so a resumed run makes the same draws as an uninterrupted one whatever the
 global RNG did in between.
@@ -36,10 +39,12 @@ from .distributed import gather_no_grad, rank_offset, world_size
 
 
 class McmcStep(NamedTuple):
-    """Where each anchor's chain stands after a step."""
+    """Where each anchor's chain stands after a step, and where it spent the step."""
 
     column: Tensor  # (B,) candidate column holding the chain's negative; -1 when that negative is not in the batch
-    accepted: Tensor  # (B,) bool: the proposal was accepted (its column is ``column``)
+    accepted: Tensor  # (B,) bool: the chain moved this step (to a candidate: ``column`` >= 0)
+    weights: Tensor  # (B, N+1) share of the recorded states on each column; the last slot: the out-of-batch start
+    acceptance: Tensor  # () fraction of this step's proposals accepted
 
 
 class McmcNegativeSampler(nn.Module):
@@ -89,8 +94,13 @@ class McmcNegativeSampler(nn.Module):
         anchor_ids: Tensor,
         candidate_ids: Tensor,
         current_scores: Tensor | None = None,
+        proposals: int = 1,
     ) -> McmcStep:
-        """One MH transition of each anchor's chain.
+        """``proposals`` MH transitions of each anchor's chain, each proposing a uniformly drawn candidate.
+
+        With one proposal the step is the paper's and leaves the global softmax invariant. With ``K > 1`` (the
+        official code's sweep over the batch) the states after the first ``K // 2`` transitions (burn-in) are
+        recorded, and ``weights`` says how often each was held, for an averaged gradient estimate.
 
         Args:
             scores: ``(B, N)`` fp32 ``s(x_i, c_j)``.
@@ -99,29 +109,39 @@ class McmcNegativeSampler(nn.Module):
             candidate_ids: ``(N,)`` data-set index of each candidate.
             current_scores: ``(B,)`` fresh ``s(x_i, Z_i)`` of each chain's current negative, when the caller has
                 encoded it (ignored for empty chains).
+            proposals: ``K``, transitions per anchor.
         """
         self._check_ids(anchor_ids, candidate_ids)
-        rows = torch.arange(scores.size(0), device=scores.device)
-        u_pick, u_accept = self._uniforms(scores.size(0), scores.device)
-        proposal = _pick_uniformly(proposable, u_pick)
+        batch, columns = scores.shape
+        rows = torch.arange(batch, device=scores.device)
+        u_pick, u_accept = self._uniforms(batch, proposals, scores.device)
         current = self.negative_ids[anchor_ids]
-        visible = _column_of(current, candidate_ids, proposable)
-        score_now = torch.where(visible >= 0, scores[rows, visible.clamp(min=0)], self.log_scores[anchor_ids])
+        column = column_of(current, candidate_ids, proposable)  # -1: out of the batch, or an empty chain
+        score_now = torch.where(column >= 0, scores[rows, column.clamp(min=0)], self.log_scores[anchor_ids])
         if current_scores is not None:
             score_now = torch.where(current >= 0, current_scores.float(), score_now)
-        proposed = scores[rows, proposal.clamp(min=0)]
-        accepted = (proposal >= 0) & (u_accept.log() < proposed - score_now)
-        self._store(
-            anchor_ids,
-            torch.where(accepted, candidate_ids[proposal.clamp(min=0)], current),
-            torch.where(accepted, proposed, score_now),
-        )
-        return McmcStep(torch.where(accepted, proposal, visible), accepted)
+        moved = torch.zeros(batch, dtype=torch.bool, device=scores.device)
+        weights = torch.zeros(batch, columns + 1, device=scores.device)
+        accepted_total = torch.zeros((), device=scores.device)
+        burn_in = proposals // 2
+        for t in range(proposals):
+            proposal = _pick_uniformly(proposable, u_pick[t])
+            proposed = scores[rows, proposal.clamp(min=0)]
+            accepted = (proposal >= 0) & (u_accept[t].log() < proposed - score_now)
+            column = torch.where(accepted, proposal, column)
+            score_now = torch.where(accepted, proposed, score_now)
+            moved |= accepted
+            accepted_total += accepted.sum()
+            if t >= burn_in:
+                weights[rows, torch.where(column >= 0, column, columns)] += 1.0
+        self._store(anchor_ids, torch.where(moved, candidate_ids[column.clamp(min=0)], current), score_now)
+        acceptance = accepted_total / (batch * proposals)
+        return McmcStep(column, moved, weights / (proposals - burn_in), acceptance)
 
-    def _uniforms(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Two ``U[0, 1)`` draws per anchor, this process's slice of the draws for every process's anchors."""
-        draws = torch.rand(2, world_size() * batch, generator=self.generator)
-        mine = draws[:, rank_offset(batch) : rank_offset(batch) + batch].to(device)
+    def _uniforms(self, batch: int, proposals: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(K, B)`` ``U[0, 1)`` draws twice: this process's slice of the draws for every process's anchors."""
+        draws = torch.rand(2, proposals, world_size() * batch, generator=self.generator)
+        mine = draws[..., rank_offset(batch) : rank_offset(batch) + batch].to(device)
         return mine[0], mine[1]
 
     def _store(self, anchor_ids: Tensor, negative_ids: Tensor, log_scores: Tensor) -> None:
@@ -145,7 +165,9 @@ def _pick_uniformly(allowed: Tensor, u: Tensor) -> Tensor:
     return torch.where(count > 0, column, -1)
 
 
-def _column_of(ids: Tensor, candidate_ids: Tensor, allowed: Tensor) -> Tensor:
-    """Allowed column whose candidate id is ``ids[i]`` (unique when ``allowed`` keeps one column per id), else -1."""
-    match = (candidate_ids[None, :] == ids[:, None]) & allowed
-    return torch.where(match.any(dim=1), match.int().argmax(dim=1), -1)
+def column_of(ids: Tensor, candidate_ids: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """For each ``ids[i]``, the first (allowed) column whose candidate id it is, else -1."""
+    match = candidate_ids[None, :] == ids[:, None]
+    if allowed is not None:
+        match &= allowed
+    return torch.where(match.any(dim=1), match.int().argmax(dim=1), -1)  # argmax: the first match

@@ -7,7 +7,8 @@
 
 Mixed precision, gradient accumulation and multi-GPU / multi-node all come from ``accelerate`` (run with
 ``accelerate launch``). Note that accumulation enlarges the gradient's batch, not the negatives: each micro-batch
-is contrasted only with itself, which is exactly where FlatNCE and EMC² help.
+is contrasted only with itself, which is exactly where FlatNCE and EMC² help. ``grad_cache_chunk_size``
+(:mod:`simcse_flat.grad_cache`) is the way to more negatives in the same memory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .checkpoint import TrainState, checkpoint_path, list_checkpoints, load_chec
 from .config import RunConfig
 from .data.text import DataError
 from .export import model_card
+from .grad_cache import GradCache
 from .losses import build_loss
 from .modalities import build_parts
 from .optim import build_optimizer
@@ -130,7 +132,11 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
     history: list[dict[str, float]] = []
     running: dict[str, float] = {}
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
-    chains = _chain_negative_encoder(encoder, loss_fn, parts, accelerator.device) if _refreshes_chains(config) else None
+    cache = None
+    if args.grad_cache_chunk_size:  # the whole batch's negatives, one chunk's activations
+        cache = GradCache(encoder, args.grad_cache_chunk_size, lambda: accelerator.no_sync(encoder))
+    encode = cache.encode if cache is not None else lambda inputs: encoder(**inputs)
+    encode_samples = _sample_encoder(encode, parts, accelerator.device) if _refreshes_chains(config) else None
     evaluating = evaluator is not None and args.eval_steps > 0
     last_eval: dict | None = None
     if evaluating and state.step == 0:  # the starting point, for the before/after line; never "best"
@@ -145,9 +151,13 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
         for batch in epoch_loader:
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")
-                embeddings = encoder(**batch)
-                loss, metrics = contrastive_loss_on_views(loss_fn, embeddings, sample_ids, parts.symmetric, chains)
+                embeddings = encode(batch)
+                loss, metrics = contrastive_loss_on_views(
+                    loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples
+                )
                 accelerator.backward(loss)
+                if cache is not None:  # the loss's gradient stopped at the cached embeddings; on into the encoder
+                    cache.backward()
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
                 optimizer.step()  # accelerate makes these no-ops until the last micro-batch of the step
@@ -207,6 +217,7 @@ def _loss_kwargs(config: RunConfig) -> dict:
         kwargs["weight_sigma"] = loss.dcl_weight_sigma
     if loss.loss == "emc2":
         kwargs["seed"] = config.training.seed  # the chains' own generator, saved and restored with them
+        kwargs["proposals"] = loss.emc2_proposals
     return kwargs
 
 
@@ -214,20 +225,20 @@ def _refreshes_chains(config: RunConfig) -> bool:
     return config.loss.loss == "emc2" and config.loss.emc2_refresh_negatives
 
 
-def _chain_negative_encoder(encoder, loss_fn, parts, device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """EMC²'s extra forward pass: embed each anchor's current chain negative (its positive view) with the
-    current model, with gradient, so the negative term of the gradient is exact (as the official code does)."""
+def _sample_encoder(encode, parts, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """EMC²'s extra forward pass: embed data-set samples (their positive view) by id with the current model, with
+    gradient, so the chain negatives' term of the gradient is exact (as the official code does)."""
 
-    def encode(sample_ids: torch.Tensor) -> torch.Tensor:
-        examples = [parts.dataset[i] for i in loss_fn.sampler.negatives_to_encode(sample_ids).tolist()]
+    def encode_samples(sample_ids: torch.Tensor) -> torch.Tensor:
+        examples = [parts.dataset[i] for i in sample_ids.tolist()]
         if parts.collate_positives is not None:
             batch = parts.collate_positives(examples)
-            return encoder(**{k: v.to(device) for k, v in batch.items()})
+            return encode({k: v.to(device) for k, v in batch.items()})
         batch = parts.collate_fn(examples)
         batch.pop("sample_ids")
-        return split_views(encoder(**{k: v.to(device) for k, v in batch.items()}), len(examples))[1]
+        return split_views(encode({k: v.to(device) for k, v in batch.items()}), len(examples))[1]
 
-    return encode
+    return encode_samples
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

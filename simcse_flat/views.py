@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .distributed import gather_no_grad, gather_with_grad, rank_offset, world_size
 from .losses.base import ContrastiveLoss
+from .samplers import column_of
 
 
 def split_views(embeddings: Tensor, batch_size: int) -> Tensor:
@@ -29,7 +30,7 @@ def contrastive_loss_on_views(
     embeddings: Tensor,
     sample_ids: Tensor,
     symmetric: bool = False,
-    encode_chain_negatives: Callable[[Tensor], Tensor] | None = None,
+    encode_samples: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Score the anchors of this process against the candidates of all processes.
 
@@ -38,18 +39,19 @@ def contrastive_loss_on_views(
     * 3 views (SimCSE sup): candidates are all positives then all hard negatives; each anchor's own hard
       negative is marked so the loss can weight it.
 
-    ``encode_chain_negatives`` (EMC²): maps the anchors' sample ids to fresh embeddings of their chain negatives;
-    it is called right before each loss call, since a call moves the chains.
+    ``encode_samples`` (EMC²'s exact estimator): embeds data-set samples (their positive view) by id, with gradient;
+    it gives each anchor's current chain negative to the loss (see :class:`ChainNegatives`).
     """
     batch = sample_ids.size(0)
     views = split_views(embeddings, batch)  # (V, B, D)
     gathered = [gather_with_grad(v) for v in views]  # each (W*B, D)
     all_ids = gather_no_grad(sample_ids)  # (W*B,)
     own = rank_offset(batch) + torch.arange(batch, device=embeddings.device)  # my rows in a gathered view
+    chains = None if encode_samples is None else ChainNegatives(loss_fn.sampler, encode_samples, gathered[1], all_ids)
 
     def score(anchors: Tensor, candidates: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        if encode_chain_negatives is not None:
-            kwargs["chain_negatives"] = encode_chain_negatives(sample_ids)
+        if chains is not None:  # right before the loss call: each call moves the chains
+            kwargs["chain_negatives"] = chains.embed(sample_ids)
         return loss_fn(anchors, candidates, own, anchor_ids=sample_ids, **kwargs)
 
     if views.size(0) == 3:
@@ -63,3 +65,31 @@ def contrastive_loss_on_views(
         return loss, metrics
     loss_back, metrics_back = score(views[1], gathered[0], candidate_ids=all_ids)
     return (loss + loss_back) / 2, {k: (v + metrics_back[k]) / 2 for k, v in metrics.items()}
+
+
+class ChainNegatives:
+    """EMC²'s chain negatives for one step: each anchor's current negative, embedded with gradient.
+
+    The first loss call encodes them (``encode_samples``: one extra forward pass of ``B`` rows on every process,
+    the same shape each step, which synchronised batch norm needs). A symmetric loss calls again with the chains
+    moved, and needs no second pass: a chain that rejected its proposal still holds the negative just encoded, and
+    one that accepted now holds a sample of the batch, whose positive view is a row of ``positives`` (gathered from
+    every process). Both stand for the sample's positive view, as a chain state does.
+    """
+
+    def __init__(self, sampler, encode_samples: Callable[[Tensor], Tensor], positives: Tensor, positive_ids: Tensor):
+        self.sampler, self.encode_samples = sampler, encode_samples
+        self.positives, self.positive_ids = positives, positive_ids
+        self.ids: Tensor | None = None
+        self.encoded: Tensor | None = None
+
+    def embed(self, anchor_ids: Tensor) -> Tensor:
+        """``(B, D)``: the embedding of each anchor's current chain negative."""
+        wanted = self.sampler.negatives_to_encode(anchor_ids).to(self.positive_ids.device)
+        if self.encoded is None:
+            self.ids, self.encoded = wanted, self.encode_samples(wanted)
+            return self.encoded
+        rows = column_of(wanted, torch.cat([self.ids, self.positive_ids]))
+        if bool((rows < 0).any()):  # only a chain moved outside the batch could do this
+            raise RuntimeError("a chain negative is neither encoded this step nor in the batch")
+        return torch.cat([self.encoded, self.positives])[rows]

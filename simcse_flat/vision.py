@@ -44,6 +44,7 @@ def model_config(args: VisionArguments) -> VisionModelConfig:
     return VisionModelConfig(
         arch=args.arch,
         cifar_stem=args.cifar_stem,
+        norm_layer=args.norm_layer,
         in_channels=spec.channels,
         projection_hidden_dim=args.projection_hidden_dim,
         projection_dim=args.projection_dim,
@@ -63,8 +64,9 @@ def vision_parts(config: RunConfig) -> TrainingParts:
     )
     model: nn.Module = VisionEncoder(encoder_config)
     if world_size() > 1 and torch.cuda.is_available():  # SimCLR's global batch norm: statistics over all processes
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # a no-op without batch norms
     stem = ", CIFAR stem" if args.cifar_stem else ""
+    stem += "" if args.norm_layer == "batch" else f", {args.norm_layer} norm"
     return TrainingParts(
         model=model,
         dataset=MultiViewDataset(images, augment),

@@ -19,8 +19,9 @@ street park water beach car bike horse red blue green small big young old two th
 """.split()
 
 
-def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
-    """A random-init BERT with a small WordPiece vocabulary (words + single characters), saved as a HF folder."""
+def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, **config: float) -> Path:
+    """A random-init BERT with a small WordPiece vocabulary (words + single characters), saved as a HF folder.
+    ``config`` overrides ``BertConfig`` fields (e.g. ``hidden_dropout_prob=0.0``)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -37,9 +38,20 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=64,
+        **config,
     )
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module, so a test can call its ``main``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def loopback_init_method() -> str:

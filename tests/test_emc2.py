@@ -116,7 +116,7 @@ def test_chain_negatives_follow_the_global_softmax():
     # the whole data set (self excluded), not the batch's softmax and not the uniform proposal
     m, batch, epochs, burn_in = 8, 4, 3000, 20
     anchors, positives = _table(m)
-    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU)
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=1)
     scores = loss_fn.logits(anchors, positives)  # (m, m) s(x_i, y_j), fixed
     visits = torch.zeros(m, m)
     batches = _epochs(m, batch)
@@ -158,9 +158,10 @@ def _exact_global_gradient() -> torch.Tensor:
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, (base_a, base_p))])
 
 
-def _mean_emc2_gradient(batch: int, steps: int, encode_chain_negatives: bool, burn_in: int = 100) -> torch.Tensor:
+def _mean_emc2_gradient(batch: int, steps: int, encode_chain_negatives: bool, burn_in: int = 100,
+                        proposals: int = 1) -> torch.Tensor:  # fmt: skip
     base_a, base_p, anchors, positives = _replicated_table()
-    loss_fn = EMC2Loss(dataset_size=64, temperature=TAU)
+    loss_fn = EMC2Loss(dataset_size=64, temperature=TAU, proposals=proposals)
     batches, total = _epochs(64, batch), 0.0
     for step in range(burn_in + steps):
         loss, _ = _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives)
@@ -190,11 +191,51 @@ def test_gradient_estimate_averages_to_the_global_gradient_on_half_batches_with_
     assert _relative_error(_mean_emc2_gradient(32, 2000, encode_chain_negatives=True), exact) < 0.04
 
 
+def test_a_sweep_of_proposals_mixes_in_a_few_steps_what_one_proposal_needs_epochs_for():
+    # the official code's sweep: 2(B-1) proposals a step, the gradient averaged over the second half of the chain.
+    # From cold chains on half batches, 100 steps (50 epochs of this table) pin down the global gradient with the
+    # sweep; with one proposal a step the chains are still close to their uniform start.
+    exact = _exact_global_gradient()
+    sweep = _mean_emc2_gradient(32, 100, encode_chain_negatives=True, burn_in=2, proposals=62)
+    single = _mean_emc2_gradient(32, 100, encode_chain_negatives=True, burn_in=2, proposals=1)
+    assert _relative_error(sweep, exact) < 0.06
+    assert _relative_error(single, exact) > 0.12
+
+
+def test_sweep_weights_are_a_distribution_over_the_states_held_after_burn_in():
+    m, batch, proposals = 16, 8, 6
+    anchors, positives = _table(m)
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=proposals)
+    batches = _epochs(m, batch)
+    for _ in range(4):
+        _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives=True)
+    ids = next(batches)
+    logits = loss_fn.logits(anchors[ids], positives[ids])
+    proposable = negative_columns(logits, torch.arange(batch), ids, ids)
+    start = loss_fn.sampler.negative_ids[ids].clone()
+    twin = copy.deepcopy(loss_fn)  # same chains, same generator: the same moves
+    step = loss_fn.sampler.step(logits, proposable, ids, ids, proposals=proposals)
+    torch.testing.assert_close(step.weights.sum(dim=1), torch.ones(batch))
+    held = step.weights[:, :-1] > 0
+    assert not (held & ~proposable).any()  # only negatives of the anchor are ever held
+    # each weight is a whole number of the K - K//2 recorded states
+    recorded = proposals - proposals // 2
+    torch.testing.assert_close(step.weights * recorded, (step.weights * recorded).round())
+    # the out-of-batch slot is the chain's start, held only while no proposal was accepted
+    assert (step.weights[:, -1] > 0).le(~step.accepted).all()
+    assert torch.equal(loss_fn.sampler.negative_ids[ids][~step.accepted], start[~step.accepted])
+    # the loss: the weighted logits of the states held, the start's from its encoding, minus the positive's
+    loss, _ = _step(twin, anchors, positives, ids, encode_chain_negatives=True)
+    start_logits = loss_fn.paired_logits(anchors[ids], positives[start])
+    negative = (step.weights[:, :-1] * logits).sum(dim=1) + step.weights[:, -1] * start_logits
+    torch.testing.assert_close(loss, (negative - logits.diagonal()).mean())
+
+
 @pytest.mark.parametrize("encode_chain_negatives", [True, False])
 def test_step_loss_is_chain_negative_minus_positive_over_the_anchors_used(encode_chain_negatives):
     m, batch = 8, 3
     anchors, positives = (t.requires_grad_(True) for t in _table(m))
-    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU)
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=1)
     batches = _epochs(m, batch)
     for _ in range(10):  # warm chains, many of them holding a negative from another batch
         _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives)
@@ -211,6 +252,43 @@ def test_step_loss_is_chain_negative_minus_positive_over_the_anchors_used(encode
     for ours, reference in zip(grads, torch.autograd.grad(expected, (anchors, positives))):
         torch.testing.assert_close(ours, reference)
     assert metrics["emc2_used"].item() == pytest.approx(used.float().mean().item())
+
+
+def test_symmetric_step_encodes_chain_negatives_once_and_matches_encoding_them_for_each_direction():
+    # SimCLR's two directions: the second reuses the first's encodings and the batch's positive views, and must
+    # give what encoding each direction's chain negatives afresh gives (a deterministic table stands in for the model)
+    m, batch = 12, 4
+    anchors, positives = (t.requires_grad_(True) for t in _table(m))
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=1)
+    batches = _epochs(m, batch)
+    for _ in range(9):  # warm chains, most holding a negative from another batch
+        _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives=True)
+    ids = next(batches)
+    reference_fn = copy.deepcopy(loss_fn)
+
+    encoded_rows = []
+
+    def encode_samples(sample_ids):
+        encoded_rows.append(len(sample_ids))
+        return positives[sample_ids]
+
+    embeddings = torch.cat([anchors[ids], positives[ids]])  # view-major: view 0 = anchors, view 1 = positives
+    loss, _ = contrastive_loss_on_views(loss_fn, embeddings, ids, symmetric=True, encode_samples=encode_samples)
+    assert encoded_rows == [batch]  # one extra forward of B rows, not one per direction
+
+    own = torch.arange(batch)
+    directions = [(anchors[ids], positives[ids]), (positives[ids], anchors[ids])]
+    reference = sum(
+        reference_fn(a, c, own, anchor_ids=ids, candidate_ids=ids,
+                     chain_negatives=positives[reference_fn.sampler.negatives_to_encode(ids)])[0]
+        for a, c in directions
+    ) / 2  # fmt: skip
+    torch.testing.assert_close(loss, reference)
+    for ours, expected in zip(torch.autograd.grad(loss, (anchors, positives)),
+                              torch.autograd.grad(reference, (anchors, positives))):  # fmt: skip
+        torch.testing.assert_close(ours, expected)
+    assert torch.equal(loss_fn.sampler.negative_ids, reference_fn.sampler.negative_ids)
+    assert torch.isin(loss_fn.sampler.negative_ids[ids], ids).any()  # some chain moved into the batch: the reuse case
 
 
 # ---- the exact global loss ------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ end-to-end runs whose checkpoints scripts/linear_eval.py reads. No downloads: da
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
-import importlib.util
 import json
 import struct
 import subprocess
@@ -25,11 +25,11 @@ from simcse_flat.data.vision import (  # noqa: E402
     simclr_augmentation,
 )
 from simcse_flat.evaluation.linear_probe import knn_accuracy, linear_probe_accuracy  # noqa: E402
-from simcse_flat.losses import LOSSES  # noqa: E402
 from simcse_flat.models.vision import VisionEncoder, VisionModelConfig  # noqa: E402
 from simcse_flat.optim import LARS, build_optimizer, scaled_learning_rate  # noqa: E402
 from simcse_flat.trainer import train_from_config  # noqa: E402
 from simcse_flat.vision import load_encoder  # noqa: E402
+from conftest import load_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,23 @@ def test_cifar_stem_is_a_3x3_stride_1_conv_without_max_pool():
     assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, torch.nn.MaxPool2d)
     x = torch.randn(4, 1, 16, 16)
     assert model(x).shape == (4, 16) and model.encode(x).shape == (4, 512)
+
+
+@pytest.mark.parametrize("norm_layer", ["group", "none"])
+def test_group_or_no_norm_makes_each_embedding_independent_of_its_batch(norm_layer, tmp_path):
+    # what EMC²'s chains assume: a negative re-encoded on its own scores as it would inside the batch
+    torch.manual_seed(0)
+    config = VisionModelConfig(cifar_stem=False, in_channels=1, projection_dim=8, norm_layer=norm_layer)
+    model = VisionEncoder(config).train()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    expected = torch.nn.GroupNorm if norm_layer == "group" else None
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == (expected is not None)
+    x = torch.randn(6, 1, 32, 32)
+    torch.testing.assert_close(model(x[:2]), model(x)[:2], atol=1e-5, rtol=1e-4)
+    batch_norm = VisionEncoder(dataclasses.replace(config, norm_layer="batch")).train()
+    assert not torch.allclose(batch_norm(x[:2]), batch_norm(x)[:2], atol=1e-3)  # the contrast: BN mixes the batch
+    again = VisionEncoder.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert again.config.norm_layer == norm_layer
 
 
 def test_saved_model_reloads_to_the_same_outputs(tmp_path):
@@ -222,13 +239,22 @@ def tiny_run(fake_fmnist, tmp_path_factory):
     return _tiny_run(fake_fmnist, tmp_path_factory.mktemp("flatnce") / "run", "flatnce", "--eval_steps", "2")
 
 
-@pytest.mark.parametrize("loss", ["infonce", "emc2"])
-def test_tiny_run_trains_with_each_loss(loss, fake_fmnist, tmp_path):
-    if loss not in LOSSES:
-        pytest.skip(f"loss {loss!r} is not registered yet")
-    result = _tiny_run(fake_fmnist, tmp_path / "run", loss)
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("infonce", ()),
+        ("emc2", ()),
+        ("emc2", ("--norm_layer", "group", "--optim", "adamw", "--lr_scaling", "none", "--emc2_proposals", "14")),
+    ],
+    ids=["infonce", "emc2", "emc2-sweep-groupnorm-adam"],
+)
+def test_tiny_run_trains_with_each_loss(loss, extra, fake_fmnist, tmp_path):
+    result = _tiny_run(fake_fmnist, tmp_path / "run", loss, *extra)
     assert result.state.step == 2
-    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history if "loss" in row)
+    rows = [row for row in result.history if "loss" in row]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    if loss == "emc2":
+        assert all(0 <= row["emc2_acceptance"] <= 1 for row in rows)
 
 
 def test_checkpoint_and_final_folder_load_the_same_encoder(tiny_run):
@@ -241,9 +267,7 @@ def test_checkpoint_and_final_folder_load_the_same_encoder(tiny_run):
 
 
 def test_linear_eval_script_scores_checkpoint_final_and_random_init(tiny_run, fake_fmnist, tmp_path):
-    spec = importlib.util.spec_from_file_location("linear_eval", ROOT / "scripts" / "linear_eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("linear_eval")
     common = ["--data_root", str(fake_fmnist), "--output", str(tmp_path / "r.json")]
     checkpoint = tiny_run.output_dir / "checkpoints" / "checkpoint-00000002"
     scores = [script.main([str(folder), *common]) for folder in (checkpoint, tiny_run.final_model)]
@@ -255,3 +279,24 @@ def test_linear_eval_script_scores_checkpoint_final_and_random_init(tiny_run, fa
     finetune = ["--transfer_mode", "finetune", "--finetune_epochs", "1"]
     finetuned = script.main([str(tiny_run.final_model), *finetune, *common])
     assert finetuned["primary_metric"] == "finetune_accuracy" and 0 <= finetuned["finetune_accuracy"] <= 100
+
+
+def test_compare_losses_probes_each_run_and_the_untrained_encoder(fake_fmnist, tmp_path, capsys):
+    script = load_script("compare_losses")
+    linear_eval = load_script("linear_eval")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"modality: vision\nvision_dataset: fashion_mnist\ndata_root: {fake_fmnist}\nimage_size: 16\n"
+        "projection_dim: 16\noptim: lars\nmax_grad_norm: 0\nper_device_train_batch_size: 8\nmax_steps: 2\n"
+        "save_steps: 0\nreport_to: none\nseed: 3\n"
+    )
+    rows = script.main(["--config", str(config), "--losses", "infonce", "flatnce", "--output_dir", str(tmp_path / "c")])
+    assert [r["run"] for r in rows] == ["untrained", "infonce", "flatnce"]
+    assert "| untrained | - |" in capsys.readouterr().out
+    # each row is what linear_eval says of the same weights: the untrained row is the seed's random init
+    common = ["--data_root", str(fake_fmnist), "--seed", "3"]
+    for row, model in ((rows[0], [str(tmp_path / "c" / "infonce" / "final"), "--random_init"]),
+                       (rows[2], [str(tmp_path / "c" / "flatnce" / "final")])):  # fmt: skip
+        scores = linear_eval.main([*model, *common])
+        assert (row["linear"], row["knn"]) == (scores["linear_accuracy"], scores["knn_accuracy"])
+    assert rows[1]["steps"] == 2 and rows[1]["infonce"] > 0

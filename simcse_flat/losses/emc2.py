@@ -53,13 +53,20 @@ class EMC2Loss(ContrastiveLoss):
       :math:`\min(p_i(z), 1/(m-1))` (the uniform proposal caps it), while the hard negatives a chain holds on to
       are the ones left out. ``metrics["emc2_used"]`` is the fraction of anchors in :math:`A`.
 
-    One proposal per anchor and step ("accept a random negative sample :math:`Z'_i`", as the paper puts it): the
-    proposals are uniform over the data set, so :math:`p_i` is exactly invariant. The official code instead sweeps
-    every in-batch candidate each step and averages the chain's states; repeated proposals from one batch pull the
-    chain toward the batch's own softmax. The chain's stored score is recomputed whenever its negative is visible
-    and used as stored otherwise. Candidates that repeat a sample id (SimCSE's hard negatives) are not proposed: a
-    chain state is a data-set index and stands for that sample's positive view. Multi-process: see the sampler;
-    the mean over :math:`A` counts the anchors of every process, so ``W`` processes give the one-process gradient.
+    ``proposals = 1`` makes one proposal per anchor and step ("accept a random negative sample :math:`Z'_i`", as
+    the paper puts it): the proposals are uniform over the data set, so :math:`p_i` is exactly invariant, but a
+    chain moves at most once per epoch and needs many epochs to leave its uniform start. The official code instead
+    sweeps every in-batch candidate each step (``2(B-1)`` proposals for ``B`` samples in the batch of all
+    processes; ``proposals = None``, the default, takes that count) and averages the gradient over the chain's
+    states after a burn-in of half the sweep; the negative term above then becomes
+    :math:`\sum_t w_{it}\, s(x_i, z_t)` over the states held, weighted by how long. It mixes ``K`` times faster,
+    but repeated proposals from one batch pull the chain toward the batch's own softmax (a bias the warm start
+    tempers: a hard negative held from an earlier batch is rarely given up). A state in the batch is scored from
+    the batch's logits; the chain's start, when out of the batch, from ``chain_negatives``. The chain's stored
+    score is recomputed whenever its negative is visible and used as stored otherwise. Candidates that repeat a
+    sample id (SimCSE's hard negatives) are not proposed: a chain state is a data-set index and stands for that
+    sample's positive view. Multi-process: see the sampler; the mean over :math:`A` counts the anchors of every
+    process, so ``W`` processes give the one-process gradient.
 
     Paper: Yau, Wai, Raman, Sarkar, Hong, "EMC²: Efficient MCMC Negative Sampling for Contrastive Learning with
     Global Convergence" (ICML 2024, arXiv 2404.10575); code: github.com/amazon-science/contrastive_emc2.
@@ -69,6 +76,8 @@ class EMC2Loss(ContrastiveLoss):
         temperature: τ; the paper's β is 1/τ.
         hard_negative_weight: see :class:`~simcse_flat.losses.base.ContrastiveLoss` (only reported metrics see it).
         seed: seed of the sampler's generator (its state is saved in ``state_dict()``).
+        proposals: MH proposals per anchor and step, ``K`` (see above); ``K > 1`` averages over the last ``K - K//2``.
+            ``None``: the official code's sweep, ``2(B-1)``.
 
     Inputs: ``anchor_ids`` and ``candidate_ids`` (data-set indices) are required; ``chain_negatives`` is optional.
     Metrics: ``emc2_acceptance`` (fraction of proposals accepted), ``emc2_used`` (fraction of anchors in
@@ -90,13 +99,21 @@ class EMC2Loss(ContrastiveLoss):
 }"""
 
     def __init__(
-        self, dataset_size: int, temperature: float = 0.05, hard_negative_weight: float = 0.0, seed: int = 0
+        self,
+        dataset_size: int,
+        temperature: float = 0.05,
+        hard_negative_weight: float = 0.0,
+        seed: int = 0,
+        proposals: int | None = None,
     ) -> None:
         super().__init__(temperature, hard_negative_weight)
+        if proposals is not None and proposals < 1:
+            raise ValueError(f"EMC² needs at least one proposal per anchor and step, got {proposals}")
         self.sampler = McmcNegativeSampler(dataset_size, seed)
+        self.proposals = proposals
 
     def get_config_dict(self) -> dict[str, float | str]:
-        return {**super().get_config_dict(), "seed": self.sampler.seed}
+        return {**super().get_config_dict(), "seed": self.sampler.seed, "proposals": self.proposals or "2(B-1)"}
 
     def extra_inputs(self, anchors: Tensor, chain_negatives: Tensor | None = None) -> dict[str, Tensor | None]:
         """``chain_negatives`` ``(B, D)``: each anchor's chain negative, freshly encoded (optional, see above)."""
@@ -122,26 +139,29 @@ class EMC2Loss(ContrastiveLoss):
             raise ValueError("EMC2Loss keeps one chain per data-set sample: pass anchor_ids and candidate_ids")
         proposable = negative_columns(logits, positive_index, anchor_ids, candidate_ids)
         fresh = None if chain_logits is None else chain_logits.detach()
-        step = self.sampler.step(logits.detach(), proposable, anchor_ids, candidate_ids, fresh)
+        # the sweep's count comes from the gathered ids, so every process draws as many numbers (one generator state)
+        proposals = self.proposals or max(1, 2 * (torch.unique(candidate_ids).numel() - 1))
+        step = self.sampler.step(logits.detach(), proposable, anchor_ids, candidate_ids, fresh, proposals)
         negative, used = self._chain_negative_logits(logits, step, anchor_ids, chain_logits)
         per_anchor = torch.where(used, negative - positive_logits(logits, positive_index), 0.0)
         # mean over the used anchors of *all* processes; DDP's average over processes undoes the factor W
         used_everywhere = gather_no_grad(used.sum().reshape(1)).sum().clamp(min=1)
         loss = per_anchor.sum() * world_size() / used_everywhere
         return loss, {
-            "emc2_acceptance": step.accepted.float().mean(),
+            "emc2_acceptance": step.acceptance,
             "emc2_used": used.float().mean(),
             "emc2_negative_logit": torch.where(used, negative.detach(), 0.0).sum() / used.sum().clamp(min=1),
         }
 
     def _chain_negative_logits(self, logits, step, anchor_ids, chain_logits) -> tuple[Tensor, Tensor]:
-        """``s(x_i, Z_i)`` after the step, with gradient, and whether anchor ``i`` has it (the set A)."""
-        rows = torch.arange(logits.size(0), device=logits.device)
-        in_batch = logits[rows, step.column.clamp(min=0)]
-        if chain_logits is None:
-            return in_batch, step.column >= 0
-        # a rejected chain's negative was encoded by the caller; only a chain that never started has none
-        return torch.where(step.accepted, in_batch, chain_logits), self.sampler.negative_ids[anchor_ids] >= 0
+        """``Σ_t w_t s(x_i, z_t)`` over the states recorded this step (``s(x_i, Z_i)`` for one proposal), with
+        gradient, and whether anchor ``i`` has it (the set A)."""
+        in_batch, outside = step.weights[:, :-1], step.weights[:, -1]
+        negative = (in_batch * torch.where(in_batch > 0, logits, 0.0)).sum(dim=1)  # -inf columns have weight 0
+        if chain_logits is None:  # a state out of the batch has no embedding: leave the anchor out
+            return negative, outside == 0
+        # the chain's start, when out of the batch, was encoded by the caller; only a chain never started has none
+        return negative + outside * chain_logits, self.sampler.negative_ids[anchor_ids] >= 0
 
 
 def negative_columns(logits: Tensor, positive_index: Tensor, anchor_ids: Tensor, candidate_ids: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torchvision
 from safetensors.torch import load_file, save_file
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from ..checkpoint import atomic_folder
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
+NORM_LAYERS = ("batch", "group", "none")
+GROUP_NORM_GROUPS = 32  # EMC²'s code: GroupNorm(32, C) in place of every BatchNorm of a ResNet
 CONFIG_FILE = "vision_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -34,6 +37,7 @@ class VisionModelConfig:
 
     arch: str = "resnet18"
     cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool: keeps 32 px images at 32 px into layer1
+    norm_layer: str = "batch"  # batch (SimCLR) | group | none (EMC²'s code): see norm_layer_factory
     in_channels: int = 3
     projection_hidden_dim: int | None = None  # None: the feature dimension (512 for ResNet-18, 2048 for ResNet-50)
     projection_dim: int = 128
@@ -41,11 +45,29 @@ class VisionModelConfig:
     dataset: str | None = None  # what it was trained on (a key of simcse_flat.data.vision.DATASETS)
 
 
-def build_backbone(arch: str, cifar_stem: bool, in_channels: int) -> tuple[nn.Module, int]:
+def norm_layer_factory(kind: str) -> Callable[[int], nn.Module]:
+    """``channels -> module`` for every normalisation of the encoder and its head.
+
+    ``batch`` is SimCLR's choice. Batch norm makes a sample's embedding depend on the rest of its batch, which
+    suits a loss over one batch but not EMC²'s per-sample chains: a chain negative re-encoded in its own forward
+    pass is normalised with other statistics than the batch it is scored against. EMC²'s code therefore replaces
+    every batch norm of a ResNet with ``GroupNorm(32, C)`` (``group``), or removes it (``none``, its
+    ``--disable_batchnorm``); with either, each sample's embedding depends on that sample alone.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "group":
+        return lambda channels: nn.GroupNorm(GROUP_NORM_GROUPS, channels)
+    if kind == "none":
+        return lambda channels: nn.Identity()
+    raise ValueError(f"norm_layer must be one of {NORM_LAYERS}, got {kind!r}")
+
+
+def build_backbone(arch: str, cifar_stem: bool, in_channels: int, norm_layer: str = "batch") -> tuple[nn.Module, int]:
     """An untrained torchvision ResNet with its classifier removed, and the width of its output."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer_factory(norm_layer))
     if cifar_stem:  # SimCLR's CIFAR variant: a 7x7/2 conv and a max-pool would shrink 32 px to 8 px at once
         net.conv1 = _stem_conv(in_channels, kernel_size=3, stride=1)
         net.maxpool = nn.Identity()
@@ -63,12 +85,13 @@ def _stem_conv(in_channels: int, kernel_size: int, stride: int) -> nn.Conv2d:
 
 
 class ProjectionHead(nn.Sequential):
-    """SimCLR's 2-layer MLP ``z = W2 ReLU(BN(W1 h))`` (batch norm in the hidden layer, as in SimCLR's code)."""
+    """SimCLR's 2-layer MLP ``z = W2 ReLU(BN(W1 h))`` (batch norm in the hidden layer, as in SimCLR's code; the
+    encoder's ``norm_layer`` in its place otherwise)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm_layer: str = "batch") -> None:
         super().__init__(
             nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
+            nn.BatchNorm1d(hidden_dim) if norm_layer == "batch" else norm_layer_factory(norm_layer)(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
@@ -80,9 +103,11 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: VisionModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone, self.feature_dim = build_backbone(config.arch, config.cifar_stem, config.in_channels)
+        self.backbone, self.feature_dim = build_backbone(
+            config.arch, config.cifar_stem, config.in_channels, config.norm_layer
+        )
         hidden = config.projection_hidden_dim or self.feature_dim
-        self.head = ProjectionHead(self.feature_dim, hidden, config.projection_dim)
+        self.head = ProjectionHead(self.feature_dim, hidden, config.projection_dim, config.norm_layer)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """``(V*B, C, H, W)`` → ``(V*B, projection_dim)``."""
@@ -96,7 +121,8 @@ class VisionEncoder(nn.Module):
         """Write ``vision_config.json`` and ``model.safetensors`` to ``path``, replacing it atomically."""
         with atomic_folder(path) as folder:
             (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
+            weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(weights, str(folder / WEIGHTS_FILE))
         return Path(path)
 
     @classmethod
