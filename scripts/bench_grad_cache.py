@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,26 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, chunk_size: int) -> dict:
     """Train one setting in this process; seconds per step after the warm-up and peak memory in MiB."""
     import torch
+    from bench_step import time_simcse_flat  # the same timed run as bench_step's, plus the chunk size
 
     from simcse_flat.cli import quiet_transformers
-    from simcse_flat.config import parse_config
-    from simcse_flat.trainer import train
 
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
-        config = parse_config([
-            "--model_name_or_path", args.model, "--pooler", "mean", "--train_file", args.train_file,
-            "--per_device_train_batch_size", str(args.batch_size), "--max_seq_length", str(args.max_seq_length),
-            "--loss", args.loss, "--max_steps", str(args.warmup + args.steps), "--logging_steps", "1",
-            "--save_steps", "0", "--report_to", "none", "--mixed_precision", args.mixed_precision,
-            "--grad_cache_chunk_size", str(chunk_size), "--output_dir", tmp, "--learning_rate", "1e-5",
-        ])  # fmt: skip
-        rows = [r for r in train(config).history if "seconds_per_step" in r]
+        seconds = time_simcse_flat(args, args.loss, Path(tmp), "--grad_cache_chunk_size", str(chunk_size))
     if torch.cuda.is_available():
         peak, where = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
     else:
         peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "cpu peak RSS"  # Linux: KiB
-    seconds = statistics.fmean(r["seconds_per_step"] for r in rows[args.warmup :])
     return {"chunk_size": chunk_size, "seconds_per_step": seconds, "peak_mib": peak, "memory": where}
 
 

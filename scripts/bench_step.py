@@ -37,8 +37,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def time_simcse_flat(args: argparse.Namespace, loss: str, workdir: Path) -> float:
-    """Seconds per optimizer step of ``simcse_flat.trainer.train``, over the steps after the warm-up."""
+def time_simcse_flat(args: argparse.Namespace, loss: str, output_dir: Path, *extra: str) -> float:
+    """Seconds per optimizer step of ``simcse_flat.trainer.train``, over the steps after the warm-up.
+
+    ``args`` brings the model, data, batch size, length, precision, warm-up and timed steps; ``extra`` more
+    training flags (``scripts/bench_grad_cache.py`` adds its chunk size)."""
     from simcse_flat.config import parse_config
     from simcse_flat.trainer import train
 
@@ -47,7 +50,7 @@ def time_simcse_flat(args: argparse.Namespace, loss: str, workdir: Path) -> floa
         "--per_device_train_batch_size", str(args.batch_size), "--max_seq_length", str(args.max_seq_length),
         "--loss", loss, "--max_steps", str(args.warmup + args.steps), "--logging_steps", "1",
         "--save_steps", "0", "--report_to", "none", "--mixed_precision", args.mixed_precision,
-        "--output_dir", str(workdir / f"simcse_flat_{loss}"), "--learning_rate", "1e-5",
+        "--output_dir", str(output_dir), "--learning_rate", "1e-5", *extra,
     ])  # fmt: skip
     rows = [r for r in train(config).history if "seconds_per_step" in r]
     return statistics.fmean(r["seconds_per_step"] for r in rows[args.warmup :])
@@ -114,7 +117,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits every contender alike
             for loss in args.losses:
-                results.setdefault(f"simcse_flat/{loss}", []).append(time_simcse_flat(args, loss, Path(tmp)))
+                seconds = time_simcse_flat(args, loss, Path(tmp) / f"simcse_flat_{loss}")
+                results.setdefault(f"simcse_flat/{loss}", []).append(seconds)
             if not args.skip_sentence_transformers:
                 results.setdefault("sentence-transformers/MNRL", []).append(time_sentence_transformers(args, Path(tmp)))
     median = {name: statistics.median(times) for name, times in results.items()}

@@ -45,8 +45,9 @@ class VisionModelConfig:
     dataset: str | None = None  # what it was trained on (a key of simcse_flat.data.vision.DATASETS)
 
 
-def norm_layer_factory(kind: str) -> Callable[[int], nn.Module]:
-    """``channels -> module`` for every normalisation of the encoder and its head.
+def norm_layer_factory(kind: str, spatial: bool = True) -> Callable[[int], nn.Module]:
+    """``channels -> module`` for every normalisation of the encoder (``spatial``: ``(N, C, H, W)`` inputs) and of
+    its head (``(N, C)``).
 
     ``batch`` is SimCLR's choice. Batch norm makes a sample's embedding depend on the rest of its batch, which
     suits a loss over one batch but not EMC²'s per-sample chains: a chain negative re-encoded in its own forward
@@ -55,7 +56,7 @@ def norm_layer_factory(kind: str) -> Callable[[int], nn.Module]:
     ``--disable_batchnorm``); with either, each sample's embedding depends on that sample alone.
     """
     if kind == "batch":
-        return nn.BatchNorm2d
+        return nn.BatchNorm2d if spatial else nn.BatchNorm1d
     if kind == "group":
         return lambda channels: nn.GroupNorm(GROUP_NORM_GROUPS, channels)
     if kind == "none":
@@ -91,7 +92,7 @@ class ProjectionHead(nn.Sequential):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm_layer: str = "batch") -> None:
         super().__init__(
             nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim) if norm_layer == "batch" else norm_layer_factory(norm_layer)(hidden_dim),
+            norm_layer_factory(norm_layer, spatial=False)(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
