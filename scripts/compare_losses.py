@@ -8,11 +8,11 @@
         --max_steps 3000                                                       # vision: + linear probe and kNN
 
 Everything but the loss (and the batch size) comes from the config, so the runs differ in one thing. Each run
-evaluates as its config says (``eval_steps``); the table gives the metric before training, the best metric and its
-step, the final InfoNCE / FlatNCE of the training logits, and the wall time. A vision config adds the linear probe
-and kNN accuracy of each ``final/`` model (``--probe_train_samples`` / ``--probe_test_samples`` labelled images) and
-a first row for the same architecture untrained. Extra ``--key value`` flags are passed to every run (e.g.
-``--max_steps 50``).
+evaluates as its config says (``eval_steps``); the table gives the metric before training, at the end, and at its
+best (with the step: a choice made on the evaluation data, so optimistic where that is a dev split), the final
+InfoNCE / FlatNCE of the training logits, and the wall time. A vision config adds the linear probe and kNN accuracy
+of each ``final/`` model (``--probe_train_samples`` / ``--probe_test_samples`` labelled images) and a first row for
+the same architecture untrained. Extra ``--key value`` flags are passed to every run (e.g. ``--max_steps 50``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | Non
     return {
         "run": name,
         "before": evals[0][primary] if evals and evals[0]["step"] == 0 else None,
+        "final": evals[-1][primary] if evals and primary else None,  # the last eval: no selection on dev
         "best": result.state.best_metric,
         "best_step": result.state.best_step,
         "infonce": train_rows[-1]["infonce"] if train_rows else None,
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def format_seed_summary(rows: list[dict]) -> str:
     """Mean ± standard deviation over the seeds of each loss (and batch size), for every metric the rows have."""
-    metrics = [k for k in ("best", "linear", "knn") if any(r.get(k) is not None for r in rows)]
+    metrics = [k for k in ("final", "best", "linear", "knn") if any(r.get(k) is not None for r in rows)]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if "_seed" in r["run"]:
@@ -121,13 +122,14 @@ def format_seed_summary(rows: list[dict]) -> str:
 def format_table(rows: list[dict]) -> str:
     """A markdown table; the probe columns only when some row has them."""
     vision = any("linear" in r for r in rows)
-    lines = ["| run | before | best (step) | final infonce | final flatnce | steps | wall |"
+    lines = ["| run | before | final | best (step) | final infonce | final flatnce | steps | wall |"
              + (" linear probe | kNN |" if vision else ""),
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if vision else "")]  # fmt: skip
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if vision else "")]  # fmt: skip
     for r in rows:
         cells = [
             r["run"],
             _number(r.get("before")),
+            _number(r.get("final")),
             f"{r['best']:.2f} ({r['best_step']})" if r.get("best") is not None else "-",
             _number(r.get("infonce"), ".3g"),
             _number(r.get("flatnce"), ".3g"),

@@ -1,8 +1,14 @@
-"""scripts/compare_losses.py's tables (the runs themselves are tested in test_vision.py)."""
+"""scripts/compare_losses.py: its tables, and a text run's row (vision runs are tested in test_vision.py)."""
 
 from __future__ import annotations
 
-from conftest import load_script
+from pathlib import Path
+
+import pytest
+
+from conftest import WORDS, load_script
+
+SENTEVAL_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "senteval"  # the quickstart's STS-B dev copy
 
 
 def test_seed_summary_gives_mean_and_sample_deviation_per_loss():
@@ -18,3 +24,31 @@ def test_seed_summary_gives_mean_and_sample_deviation_per_loss():
     # mean 82, sample deviation sqrt((4 + 1 + 1) / 2) = sqrt(3)
     assert table[2] == "| infonce_b4 | 3 | 82.00 ± 1.73 |"
     assert table[3] == "| flatnce_b4 | 1 | 81.50 |"
+
+
+def test_text_rows_report_before_final_and_best_as_evaluate_sts_scores_them(tiny_bert, tmp_path, capsys):
+    from simcse_flat.evaluation import evaluate_sts
+    from simcse_flat.models.text import SentenceEncoder
+
+    script = load_script("compare_losses")
+    sentences = tmp_path / "train.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i : i + 5]) for i in range(0, 60, 3)) + "\n")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_bert}\npooler: mean\ntrain_file: {sentences}\nper_device_train_batch_size: 4\n"
+        f"learning_rate: 1.0e-3\nmax_steps: 3\neval_steps: 2\neval_tasks: [stsb]\neval_split: dev\n"
+        f"eval_data_dir: {SENTEVAL_SAMPLE}\nsave_steps: 0\nseed: 5\n"
+    )
+    (row,) = script.main(["--config", str(config), "--losses", "flatnce", "--output_dir", str(tmp_path / "c")])
+    assert "| flatnce |" in capsys.readouterr().out
+    assert row["steps"] == 3 and row["flatnce"] is not None
+
+    def stsb_dev(model) -> float:
+        return evaluate_sts(model.encode, ["stsb"], SENTEVAL_SAMPLE, split="dev")["stsb_spearman"]
+
+    final = tmp_path / "c" / "flatnce" / "final"
+    assert row["final"] == pytest.approx(stsb_dev(SentenceEncoder.from_pretrained(str(final))), abs=1e-4)
+    untrained = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
+    assert row["before"] == pytest.approx(stsb_dev(untrained), abs=1e-4)
+    # evaluated at steps 2 and 3 (the last): best is the larger, never the untrained starting point
+    assert row["best_step"] in (2, 3) and row["best"] >= row["final"]
