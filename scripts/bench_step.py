@@ -50,7 +50,7 @@ def time_simcse_flat(args: argparse.Namespace, loss: str, output_dir: Path, *ext
         "--per_device_train_batch_size", str(args.batch_size), "--max_seq_length", str(args.max_seq_length),
         "--loss", loss, "--max_steps", str(args.warmup + args.steps), "--logging_steps", "1",
         "--save_steps", "0", "--report_to", "none", "--mixed_precision", args.mixed_precision,
-        "--output_dir", str(output_dir), "--learning_rate", "1e-5", *extra,
+        "--output_dir", str(output_dir), "--overwrite_output_dir", "--learning_rate", "1e-5", *extra,
     ])  # fmt: skip
     rows = [r for r in train(config).history if "seconds_per_step" in r]
     return statistics.fmean(r["seconds_per_step"] for r in rows[args.warmup :])

@@ -2,48 +2,55 @@
 
     python scripts/compare_losses.py --config configs/unsup_minilm_emc2.yaml --losses infonce flatnce sogclr emc2
     python scripts/compare_losses.py --config configs/quickstart.yaml --losses infonce flatnce --batch_sizes 4 16 64
-    python scripts/compare_losses.py --config configs/quickstart.yaml --losses infonce flatnce --seeds 1 2 3
+    python scripts/compare_losses.py --config configs/quickstart.yaml --losses infonce flatnce --seeds 1 2 3 \
+        --test_data_dir ../shared/data/senteval                                # text: + STS12-16, STS-B, SICK-R test
 
     python scripts/compare_losses.py --config configs/vision_fmnist_emc2.yaml --losses infonce flatnce emc2 \
         --max_steps 3000                                                       # vision: + linear probe and kNN
 
-Everything but the loss (and the batch size) comes from the config, so the runs differ in one thing. Each run
-evaluates as its config says (``eval_steps``); the table gives the metric before training, at the end, and at its
-best (with the step: a choice made on the evaluation data, so optimistic where that is a dev split), the final
-InfoNCE / FlatNCE of the training logits, and the wall time. A vision config adds the linear probe and kNN accuracy
+Everything but the loss (and the batch size, and the seed) comes from the config, so the runs differ in one thing.
+Each run evaluates as its config says (``eval_steps``); the table gives the metric before training, at the end, and
+at its best (with the step: a choice made on the evaluation data, so optimistic where that is a dev split), the
+final InfoNCE / FlatNCE of the training logits, and the training time. ``--test_data_dir`` adds, for text, the mean
+of SentEval's seven STS test sets for each ``final/`` model. A vision config adds the linear probe and kNN accuracy
 of each ``final/`` model (``--probe_train_samples`` / ``--probe_test_samples`` labelled images) and a first row for
 the same architecture untrained. Extra ``--key value`` flags are passed to every run (e.g. ``--max_steps 50``).
+
+Runs are resumed (``--resume_from latest``): rerun the same command after a kill and finished runs are read back
+from their ``log.jsonl``, the interrupted one continues from its last checkpoint, and the rest train; rerun it with
+``--test_data_dir`` to score runs already made.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
+from simcse_flat.checkpoint import read_log
 from simcse_flat.cli import quiet_transformers
 from simcse_flat.config import RunConfig, parse_config
+from simcse_flat.evaluation import TASK_NAMES, evaluate_sts
 from simcse_flat.trainer import train_from_config
 
 
 def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | None, out: Path, extra: list[str],
-            probe: dict) -> dict:  # fmt: skip
+            probe: dict, test_data_dir: str | None, test_tasks: list[str]) -> dict:  # fmt: skip
+    """Train one run (or continue it, or read it back if it finished) and summarise it from its ``log.jsonl``."""
     name = f"{loss}" + (f"_b{batch_size}" if batch_size else "") + (f"_seed{seed}" if seed is not None else "")
-    argv = ["--config", config_file, "--loss", loss, "--output_dir", str(out / name), "--report_to", "none", *extra]
+    argv = ["--config", config_file, "--loss", loss, "--output_dir", str(out / name), "--report_to", "none",
+            "--resume_from", "latest", *extra]  # fmt: skip
     if batch_size:
         argv += ["--per_device_train_batch_size", str(batch_size)]
     if seed is not None:
         argv += ["--seed", str(seed)]
     config = parse_config(argv)
-    start = time.perf_counter()
-    result = train_from_config(config)
-    seconds = time.perf_counter() - start
-    probed = linear_probe(config, result.final_model, **probe) if config.model.modality == "vision" else {}
-    evals = [row for row in result.history if any(k.startswith("eval/") for k in row)]
-    train_rows = [row for row in result.history if "loss" in row]
+    result = train_from_config(config)  # a finished run resumes at its last step and trains nothing
+    log = read_log(result.output_dir)  # the whole run, across resumes
+    evals = [row for row in log if any(k.startswith("eval/") for k in row)]
+    train_rows = [row for row in log if "loss" in row]
     primary = next((k for k in evals[0] if k.startswith("eval/") and k.endswith("_spearman")), None) if evals else None
-    return {
+    row = {
         "run": name,
         "before": evals[0][primary] if evals and evals[0]["step"] == 0 else None,
         "final": evals[-1][primary] if evals and primary else None,  # the last eval: no selection on dev
@@ -52,9 +59,30 @@ def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | Non
         "infonce": train_rows[-1]["infonce"] if train_rows else None,
         "flatnce": train_rows[-1]["flatnce"] if train_rows else None,
         "steps": result.state.step,
-        "seconds": seconds,
-        **probed,
+        "seconds": training_seconds(train_rows),
     }
+    if config.model.modality == "vision":
+        row.update(linear_probe(config, result.final_model, **probe))
+    elif test_data_dir:
+        row["test"] = sts_test(result.final_model, test_data_dir, test_tasks)["avg_spearman"]
+    return row
+
+
+def training_seconds(train_rows: list[dict]) -> float:
+    """Wall time of the logged steps (each row's seconds per step over the steps since the row before)."""
+    steps = [0] + [row["step"] for row in train_rows]
+    return sum(row["seconds_per_step"] * (step - before) for row, step, before in zip(train_rows, steps[1:], steps))
+
+
+def sts_test(model: Path, data_dir: str, tasks: list[str]) -> dict:
+    """STS ``tasks`` (test split) of a text ``model`` folder, as ``evaluate_sts.py`` scores them (untruncated)."""
+    import torch
+
+    from simcse_flat.models.text import SentenceEncoder
+
+    encoder = SentenceEncoder.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.max_seq_length = min(512, encoder.backbone.config.max_position_embeddings)
+    return evaluate_sts(encoder.encode, tasks, data_dir=data_dir, batch_size=128)
 
 
 def linear_probe(config: RunConfig, model: Path | None, max_train: int, max_test: int) -> dict:
@@ -82,6 +110,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output_dir", default="runs/compare_losses")
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="vision: labelled images to fit on")
     parser.add_argument("--probe_test_samples", type=int, default=2_000, help="vision: labelled images to score")
+    parser.add_argument("--test_data_dir", help="text: also score each final model on SentEval's STS test sets "
+                        "in this folder (the 'test' column: their mean, untruncated, as evaluate_sts.py)")  # fmt: skip
+    parser.add_argument("--test_tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES), metavar="TASK",
+                        help="with --test_data_dir (default: all seven)")  # fmt: skip
     args, extra = parser.parse_known_args(argv)
     quiet_transformers()
     probe = {"max_train": args.probe_train_samples, "max_test": args.probe_test_samples}
@@ -89,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     vision = baseline.model.modality == "vision"
     rows = [{"run": "untrained", **linear_probe(baseline, None, **probe)}] if vision else []
     rows += [
-        run_one(args.config, loss, batch, seed, Path(args.output_dir), extra, probe)
+        run_one(args.config, loss, batch, seed, Path(args.output_dir), extra, probe, args.test_data_dir, args.test_tasks)
         for batch in args.batch_sizes
         for seed in args.seeds
         for loss in args.losses
@@ -103,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def format_seed_summary(rows: list[dict]) -> str:
     """Mean ± standard deviation over the seeds of each loss (and batch size), for every metric the rows have."""
-    metrics = [k for k in ("final", "best", "linear", "knn") if any(r.get(k) is not None for r in rows)]
+    metrics = [k for k in ("final", "best", "test", "linear", "knn") if any(r.get(k) is not None for r in rows)]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if "_seed" in r["run"]:
@@ -120,11 +152,12 @@ def format_seed_summary(rows: list[dict]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table; the probe columns only when some row has them."""
-    vision = any("linear" in r for r in rows)
-    lines = ["| run | before | final | best (step) | final infonce | final flatnce | steps | wall |"
-             + (" linear probe | kNN |" if vision else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if vision else "")]  # fmt: skip
+    """A markdown table; the test and probe columns only when some row has them."""
+    scores = [(key, title) for key, title in (("test", "STS test avg"), ("linear", "linear probe"), ("knn", "kNN"))
+              if any(key in r for r in rows)]  # fmt: skip
+    lines = ["| run | before | final | best (step) | final infonce | final flatnce | steps | train time |"
+             + "".join(f" {title} |" for _, title in scores),
+             "|---|" + "---:|" * (7 + len(scores))]  # fmt: skip
     for r in rows:
         cells = [
             r["run"],
@@ -135,9 +168,8 @@ def format_table(rows: list[dict]) -> str:
             _number(r.get("flatnce"), ".3g"),
             str(r["steps"]) if "steps" in r else "-",
             f"{r['seconds'] / 60:.1f} min" if "seconds" in r else "-",
+            *(_number(r.get(key)) for key, _ in scores),
         ]
-        if vision:
-            cells += [_number(r.get("linear")), _number(r.get("knn"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,6 +1,8 @@
 """Checkpoints that survive a kill at any moment, and resuming from them.
 
-A checkpoint is one folder ``OUTPUT/checkpoints/checkpoint-00000500``. ``accelerate``'s ``save_state`` writes the
+A run owns its ``output_dir``: ``checkpoints/``, ``log.jsonl``, ``best/``, ``final/``, ``logs/`` and ``config.yaml``
+hold that run only (:func:`check_output_dir`, :func:`start_run_folder`). A checkpoint is one folder
+``OUTPUT/checkpoints/checkpoint-00000500``. ``accelerate``'s ``save_state`` writes the
 weights (safetensors), optimizer, gradient scaler, every process's RNG, and the objects registered for
 checkpointing (scheduler, loss state); we add ``trainer_state.json`` (step, epoch, position in the epoch, best
 metric) and the resolved ``config.yaml``. Everything is written under ``checkpoint-…​.tmp`` and renamed only when
@@ -23,12 +25,15 @@ from typing import Iterator
 from accelerate import Accelerator
 
 CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "log.jsonl"
+RUN_OUTPUTS = (CHECKPOINT_DIR, LOG_FILE, "best", "final", "logs", "config.yaml")  # what the trainer writes
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names the path."""
+    """A checkpoint that cannot be resumed from, or an output folder a run cannot start in; the message names the
+    path."""
 
 
 @dataclass
@@ -72,6 +77,67 @@ def resolve_resume_path(resume_from: str, output_dir: str | Path) -> Path | None
     if not (path / STATE_FILE).exists():
         raise CheckpointError(f"resume_from={resume_from!r}: no checkpoint there (missing {STATE_FILE})")
     return path
+
+
+def changed_settings(checkpoint: str | Path, config: dict) -> list[str]:
+    """``key: saved -> now`` for each setting of ``config`` that differs from the one ``checkpoint`` was saved with
+    (how to resume aside): a resumed run takes the settings it is given, which a user should see."""
+    import yaml
+
+    saved_file = Path(checkpoint) / "config.yaml"
+    if not saved_file.exists():
+        return []
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    ignored = {"resume_from", "overwrite_output_dir"}
+    return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in config.items()
+            if key not in ignored and saved.get(key) != value]  # fmt: skip
+
+
+def earlier_run(output_dir: str | Path) -> list[str]:
+    """The names of what an earlier run left in ``output_dir`` (empty if none)."""
+    return [name for name in RUN_OUTPUTS if (Path(output_dir) / name).exists()]
+
+
+def check_output_dir(output_dir: str | Path, resume_from: str | None, overwrite: bool) -> None:
+    """Refuse to start a fresh run over an earlier one: ``resume_from latest`` would later take the earlier run's
+    checkpoints for this run's, and the two logs would mix. Resuming, or ``overwrite``, says what to do instead."""
+    found = earlier_run(output_dir)
+    if found and not resume_from and not overwrite:
+        raise CheckpointError(
+            f"output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with --resume_from "
+            "latest, start over with --overwrite_output_dir (deletes those), or choose another output_dir"
+        )
+
+
+def start_run_folder(output_dir: str | Path, step: int) -> None:
+    """Make ``output_dir`` hold this run only, on the main process. A run starting at step 0 removes what an earlier
+    one left (``check_output_dir`` allowed it); a run resumed at ``step`` drops the log rows written after its
+    checkpoint, since it logs those steps again."""
+    output_dir = Path(output_dir)
+    if step == 0:
+        for name in earlier_run(output_dir):
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif (output_dir / LOG_FILE).exists():
+        kept = [json.dumps(row) + "\n" for row in read_log(output_dir) if row["step"] <= step]
+        tmp = output_dir / (LOG_FILE + ".tmp")
+        _write_synced(tmp, "".join(kept))
+        os.replace(tmp, output_dir / LOG_FILE)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def read_log(output_dir: str | Path) -> list[dict]:
+    """The rows of ``log.jsonl`` (one per logged step or evaluation); a last line cut off by a kill is skipped."""
+    path = Path(output_dir) / LOG_FILE
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise CheckpointError(f"{path}, line {number}: not a JSON row") from None
+    return rows
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainState, config_yaml: str, keep_last: int) -> Path:

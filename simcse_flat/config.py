@@ -110,6 +110,9 @@ class TrainingArguments:
     eval_split: str = "dev"
     eval_data_dir: str | None = field(default=None, metadata={"help": "SentEval-layout folder; unset: hub datasets."})
     resume_from: str | None = field(default=None, metadata={"help": "latest | PATH of a checkpoint folder."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output_dir holding an earlier run (deletes its outputs)."}
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | none"})
     dataloader_num_workers: int = 0
     run_name: str | None = None

@@ -27,7 +27,18 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import TrainState, checkpoint_path, list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
+from .checkpoint import (
+    LOG_FILE,
+    TrainState,
+    changed_settings,
+    check_output_dir,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+    start_run_folder,
+)
 from .config import RunConfig
 from .data.text import DataError
 from .export import model_card
@@ -75,6 +86,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
     )
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    check_output_dir(output_dir, args.resume_from, args.overwrite_output_dir)  # before minutes of loading
 
     # ---- model, data, loss --------------------------------------------------------------------------------------
     parts = build_parts(config)
@@ -116,10 +128,13 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
         if path is not None:
             state = load_checkpoint(accelerator, path)
             accelerator.print(f"resumed from {path} at step {state.step}")
+            for change in changed_settings(path, config.to_dict()):
+                accelerator.print(f"warning: resumed with a setting changed since that checkpoint: {change}")
     config_yaml = _config_yaml(config)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        start_run_folder(output_dir, state.step)
         (output_dir / "config.yaml").write_text(config_yaml)
+    accelerator.wait_for_everyone()  # no process logs into the folder before it is this run's
     if args.report_to != "none":
         accelerator.init_trackers(args.run_name or output_dir.name, config=_tracker_config(config))
     accelerator.print(
@@ -280,7 +295,7 @@ def _log(accelerator: Accelerator, output_dir: Path, history: list, row: dict) -
     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
     history.append(row)
     if accelerator.is_main_process:
-        with open(output_dir / "log.jsonl", "a") as handle:
+        with open(output_dir / LOG_FILE, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
 

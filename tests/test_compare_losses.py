@@ -26,7 +26,10 @@ def test_seed_summary_gives_mean_and_sample_deviation_per_loss():
     assert table[3] == "| flatnce_b4 | 1 | 81.50 |"
 
 
-def test_text_rows_report_before_final_and_best_as_evaluate_sts_scores_them(tiny_bert, tmp_path, capsys):
+def test_text_rows_match_evaluate_sts_and_a_rerun_reads_finished_runs_back(tiny_bert, tmp_path, capsys):
+    import shutil
+
+    from simcse_flat.checkpoint import read_log
     from simcse_flat.evaluation import evaluate_sts
     from simcse_flat.models.text import SentenceEncoder
 
@@ -39,16 +42,28 @@ def test_text_rows_report_before_final_and_best_as_evaluate_sts_scores_them(tiny
         f"learning_rate: 1.0e-3\nmax_steps: 3\neval_steps: 2\neval_tasks: [stsb]\neval_split: dev\n"
         f"eval_data_dir: {SENTEVAL_SAMPLE}\nsave_steps: 0\nseed: 5\n"
     )
-    (row,) = script.main(["--config", str(config), "--losses", "flatnce", "--output_dir", str(tmp_path / "c")])
+    test_dir = tmp_path / "senteval"  # the STS-B dev sample standing in for a test set
+    (test_dir / "STS" / "STSBenchmark").mkdir(parents=True)
+    stsb_dir = Path("STS") / "STSBenchmark"
+    shutil.copy(SENTEVAL_SAMPLE / stsb_dir / "sts-dev.csv", test_dir / stsb_dir / "sts-test.csv")
+    argv = ["--config", str(config), "--losses", "flatnce", "--output_dir", str(tmp_path / "c"),
+            "--test_data_dir", str(test_dir), "--test_tasks", "stsb"]  # fmt: skip
+    (row,) = script.main(argv)
     assert "| flatnce |" in capsys.readouterr().out
-    assert row["steps"] == 3 and row["flatnce"] is not None
+    assert row["steps"] == 3 and row["flatnce"] is not None and row["seconds"] > 0
 
-    def stsb_dev(model) -> float:
-        return evaluate_sts(model.encode, ["stsb"], SENTEVAL_SAMPLE, split="dev")["stsb_spearman"]
+    def stsb(model, split: str, data_dir: Path) -> float:
+        return evaluate_sts(model.encode, ["stsb"], data_dir, split=split)["stsb_spearman"]
 
-    final = tmp_path / "c" / "flatnce" / "final"
-    assert row["final"] == pytest.approx(stsb_dev(SentenceEncoder.from_pretrained(str(final))), abs=1e-4)
+    final = SentenceEncoder.from_pretrained(str(tmp_path / "c" / "flatnce" / "final"))
+    assert row["final"] == pytest.approx(stsb(final, "dev", SENTEVAL_SAMPLE), abs=1e-4)
+    assert row["test"] == pytest.approx(stsb(final, "test", test_dir), abs=1e-4)
     untrained = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
-    assert row["before"] == pytest.approx(stsb_dev(untrained), abs=1e-4)
+    assert row["before"] == pytest.approx(stsb(untrained, "dev", SENTEVAL_SAMPLE), abs=1e-4)
     # evaluated at steps 2 and 3 (the last): best is the larger, never the untrained starting point
     assert row["best_step"] in (2, 3) and row["best"] >= row["final"]
+
+    # the same command again: the finished run is read back, not trained again
+    log = read_log(tmp_path / "c" / "flatnce")
+    (again,) = script.main(argv)
+    assert again == row and read_log(tmp_path / "c" / "flatnce") == log

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simcse_flat.checkpoint import list_checkpoints, resolve_resume_path
+from simcse_flat.checkpoint import CheckpointError, list_checkpoints, read_log, resolve_resume_path
 from simcse_flat.config import parse_config
 from simcse_flat.trainer import train
 
@@ -59,7 +59,7 @@ def test_resumed_run_continues_exactly(tiny_bert, tmp_path):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path):
+def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path, capsys):
     train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5"))
     root = tmp_path / "run" / "checkpoints"
     (root / "checkpoint-00000006.tmp").mkdir()  # what a kill during save_checkpoint leaves
@@ -67,8 +67,25 @@ def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002", "checkpoint-00000004"]
     assert resolve_resume_path("latest", tmp_path / "run").name == "checkpoint-00000004"
     # resuming "latest" of a finished run trains nothing more and keeps the final model
-    again = train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--resume_from", "latest"))
+    capsys.readouterr()
+    again = train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5",
+                          "--resume_from", "latest", "--learning_rate", "5e-4"))  # fmt: skip
     assert again.state.step == 4 and _losses(again) == {}
+    printed = capsys.readouterr().out  # a setting changed since the checkpoint is pointed out, and only that one
+    assert printed.count("warning: resumed with a setting changed") == 1 and "learning_rate: 0.001 -> 0.0005" in printed
+
+
+def test_a_fresh_run_refuses_a_folder_holding_an_earlier_one_unless_told_to_overwrite(tiny_bert, tmp_path):
+    train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5"))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(CheckpointError, match=r"holds an earlier run \(checkpoints, log.jsonl, final, config.yaml\)"):
+        train(_config(tiny_bert, tmp_path, "--max_steps", "2"))
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before  # nothing lost
+    again = train(_config(tiny_bert, tmp_path, "--max_steps", "2", "--save_steps", "0", "--overwrite_output_dir"))
+    # only the new run is left: "latest" can no longer pick the earlier run's step 4, and the log is this run's
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002"]
+    assert [row["step"] for row in read_log(tmp_path / "run")] == [1, 2]
+    assert again.state.step == 2
 
 
 def test_save_total_limit_keeps_the_last_checkpoints(tiny_bert, tmp_path):
@@ -111,11 +128,11 @@ def test_supervised_triples_train(tiny_bert, tmp_path):
 
 
 def _log_by_step(run_dir: Path) -> dict[int, float]:
-    """Training loss per step from log.jsonl; a step logged twice (redone after a resume) keeps its last value."""
-    import json
-
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+    """Training loss per step from log.jsonl, whose steps must each appear once: a resumed run drops the rows
+    logged after its checkpoint before it logs those steps again."""
+    rows = [row for row in read_log(run_dir) if "loss" in row]
+    assert len({row["step"] for row in rows}) == len(rows), "a step logged twice"
+    return {row["step"]: row["loss"] for row in rows}
 
 
 def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
@@ -135,12 +152,17 @@ def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
 
     subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True)
     victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def past_a_checkpoint(run: Path) -> bool:  # killed after logging steps its last checkpoint does not hold
+        checkpoints = list_checkpoints(run)
+        return bool(checkpoints) and read_log(run)[-1]["step"] > int(checkpoints[-1].name.split("-")[1])
+
     deadline = time.time() + 120
-    while not list_checkpoints(tmp_path / "killed") and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.05)
+    while not past_a_checkpoint(tmp_path / "killed") and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)  # no cleanup, no final save: as a pre-empted job dies
     victim.wait()
-    assert list_checkpoints(tmp_path / "killed"), "the run ended before its first checkpoint"
+    assert past_a_checkpoint(tmp_path / "killed"), "the run ended before it logged past its first checkpoint"
     assert not (tmp_path / "killed" / "final").exists()
     subprocess.run(command(tmp_path / "killed", "--resume_from", "latest"), check=True, capture_output=True)
     whole, resumed = _log_by_step(tmp_path / "whole"), _log_by_step(tmp_path / "killed")
