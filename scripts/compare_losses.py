@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 from simcse_flat.checkpoint import read_log
-from simcse_flat.cli import quiet_transformers
+from simcse_flat.cli import quiet_transformers, run_cli
 from simcse_flat.config import RunConfig, parse_config
-from simcse_flat.evaluation import TASK_NAMES, evaluate_sts
+from simcse_flat.evaluation import TASK_NAMES, StsTask, evaluate_sts, load_sts_tasks
 from simcse_flat.trainer import train_from_config
 
 
 def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | None, out: Path, extra: list[str],
-            probe: dict, test_data_dir: str | None, test_tasks: list[str]) -> dict:  # fmt: skip
+            probe: dict, test_tasks: list[StsTask] | None) -> dict:  # fmt: skip
     """Train one run (or continue it, or read it back if it finished) and summarise it from its ``log.jsonl``."""
     name = f"{loss}" + (f"_b{batch_size}" if batch_size else "") + (f"_seed{seed}" if seed is not None else "")
     argv = ["--config", config_file, "--loss", loss, "--output_dir", str(out / name), "--report_to", "none",
@@ -63,8 +64,8 @@ def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | Non
     }
     if config.model.modality == "vision":
         row.update(linear_probe(config, result.final_model, **probe))
-    elif test_data_dir:
-        row["test"] = sts_test(result.final_model, test_data_dir, test_tasks)["avg_spearman"]
+    elif test_tasks:
+        row["test"] = sts_test(result.final_model, test_tasks)["avg_spearman"]
     return row
 
 
@@ -74,15 +75,15 @@ def training_seconds(train_rows: list[dict]) -> float:
     return sum(row["seconds_per_step"] * (step - before) for row, step, before in zip(train_rows, steps[1:], steps))
 
 
-def sts_test(model: Path, data_dir: str, tasks: list[str]) -> dict:
-    """STS ``tasks`` (test split) of a text ``model`` folder, as ``evaluate_sts.py`` scores them (untruncated)."""
+def sts_test(model: Path, tasks: list[StsTask]) -> dict:
+    """STS ``tasks`` of a text ``model`` folder, as ``evaluate_sts.py`` scores them (untruncated)."""
     import torch
 
     from simcse_flat.models.text import SentenceEncoder
 
     encoder = SentenceEncoder.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
     encoder.max_seq_length = min(512, encoder.backbone.config.max_position_embeddings)
-    return evaluate_sts(encoder.encode, tasks, data_dir=data_dir, batch_size=128)
+    return evaluate_sts(encoder.encode, tasks, batch_size=128)
 
 
 def linear_probe(config: RunConfig, model: Path | None, max_train: int, max_test: int) -> dict:
@@ -117,11 +118,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, extra = parser.parse_known_args(argv)
     quiet_transformers()
     probe = {"max_train": args.probe_train_samples, "max_test": args.probe_test_samples}
+    # read (and checked) before any training, so a bad folder fails now rather than after the first run
+    test_tasks = load_sts_tasks(args.test_tasks, args.test_data_dir, "test") if args.test_data_dir else None
     baseline = parse_config(["--config", args.config, *extra])
     vision = baseline.model.modality == "vision"
     rows = [{"run": "untrained", **linear_probe(baseline, None, **probe)}] if vision else []
     rows += [
-        run_one(args.config, loss, batch, seed, Path(args.output_dir), extra, probe, args.test_data_dir, args.test_tasks)
+        run_one(args.config, loss, batch, seed, Path(args.output_dir), extra, probe, test_tasks)
         for batch in args.batch_sizes
         for seed in args.seeds
         for loss in args.losses
@@ -179,4 +182,4 @@ def _number(value: float | None, spec: str = ".2f") -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
