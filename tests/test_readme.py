@@ -28,7 +28,8 @@ def test_use_as_a_library_examples_run(minilm_path, tmp_path, monkeypatch, capsy
 
     loss_example: dict = {}
     exec(blocks[0], loss_example)
-    assert torch.isfinite(loss_example["loss"]) and loss_example["loss"].item() < 0  # views agree: positive logit above the negatives' LSE
+    # FlatNCE = LSE of the negatives' logits - the positive's: below 0 when the two views agree
+    assert torch.isfinite(loss_example["loss"]) and loss_example["loss"].item() < 0
     assert all(p.grad is not None for p in loss_example["encoder"].parameters() if p.requires_grad)
     assert capsys.readouterr().out.strip()  # the printed metrics
 
