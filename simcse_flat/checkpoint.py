@@ -117,7 +117,10 @@ def start_run_folder(output_dir: str | Path, step: int) -> None:
     if step == 0:
         for name in earlier_run(output_dir):
             path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     elif (output_dir / LOG_FILE).exists():
         kept = [json.dumps(row) + "\n" for row in read_log(output_dir) if row["step"] <= step]
         tmp = output_dir / (LOG_FILE + ".tmp")
