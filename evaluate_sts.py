@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = load_sts_tasks(args.tasks, args.data_dir, args.split)
     encoder = SentenceEncoder.from_pretrained(args.model, pooler=args.pooler)
     encoder.to("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.max_seq_length = args.max_seq_length or min(512, encoder.backbone.config.max_position_embeddings)
+    encoder.max_seq_length = args.max_seq_length or encoder.longest_input
     start = time.perf_counter()
     results = evaluate_sts(encoder.encode, tasks, batch_size=args.batch_size)
     settings = {

@@ -82,7 +82,7 @@ def sts_test(model: Path, tasks: list[StsTask]) -> dict:
     from simcse_flat.models.text import SentenceEncoder
 
     encoder = SentenceEncoder.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.max_seq_length = min(512, encoder.backbone.config.max_position_embeddings)
+    encoder.max_seq_length = encoder.longest_input
     return evaluate_sts(encoder.encode, tasks, batch_size=128)
 
 

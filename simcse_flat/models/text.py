@@ -121,6 +121,11 @@ class SentenceEncoder(nn.Module):
         return self.backbone.config.hidden_size
 
     @property
+    def longest_input(self) -> int:
+        """The longest input the backbone takes, at most 512 tokens: SimCSE evaluates STS untruncated."""
+        return min(512, self.backbone.config.max_position_embeddings)
+
+    @property
     def uses_mlp(self) -> bool:
         """Whether the MLP head is applied now: always in training, at inference unless ``mlp_only_train``."""
         return self.mlp is not None and (self.training or not self.mlp_only_train)
