@@ -73,7 +73,7 @@ def time_sentence_transformers(args: argparse.Namespace, workdir: Path) -> float
         def on_step_end(self, *_, **__):
             self.stamps.append(time.perf_counter())
 
-    sentences = read_sentences(args.train_file)
+    sentences, _ = read_sentences(args.train_file)
     model = SentenceTransformer(resolve_model_path(args.model), device="cuda" if _cuda() else "cpu")
     model.max_seq_length = args.max_seq_length
     timer = StepTimer()

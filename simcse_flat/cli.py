@@ -11,8 +11,16 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.text import DataError
 from .models.text import ModelLoadError
+from .run_folder import RunFolderError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, ModelLoadError)
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite; the message names the step and the checkpoint kept."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DataError, CheckpointError, ModelLoadError, RunFolderError, TrainingDiverged,
+)  # fmt: skip
 
 
 def quiet_transformers() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,11 @@ class TrainingArguments:
     resume_from: str | None = field(default=None, metadata={"help": "latest | PATH of a checkpoint folder."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over in an output_dir holding an earlier run (deletes its outputs)."}
+    )
+    ignore_rng_state: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint whose RNG state is missing or damaged, with fresh random draws "
+                  "(the run then differs from an uninterrupted one)."},
     )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | none"})
     dataloader_num_workers: int = 0
@@ -233,6 +239,7 @@ def validate(config: RunConfig) -> None:
         resolve_pooler(config.model.pooler)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    _validate_numbers(config)
     if training.per_device_train_batch_size < 2:
         raise ConfigError(
             f"per_device_train_batch_size must be >= 2 (got {training.per_device_train_batch_size}): "
@@ -253,12 +260,59 @@ def validate(config: RunConfig) -> None:
         )
     if config.loss.emc2_proposals is not None and config.loss.emc2_proposals < 1:
         raise ConfigError(f"emc2_proposals must be >= 1, got {config.loss.emc2_proposals}")
-    if config.loss.temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {config.loss.temperature}")
     _check_choice("optim", training.optim, ("adamw", "sgd", "lars"))
     _check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
     if config.model.modality == "vision":
         _validate_vision(config.vision)
+
+
+def _validate_numbers(config: RunConfig) -> None:
+    """Every number in range (NaN and infinity refused), so that a typo fails here, not after the model loads or
+    as a NaN loss an hour in."""
+    training, loss, model = config.training, config.loss, config.model
+    _check_range("learning_rate", training.learning_rate, low=0.0)
+    _check_range("temperature", loss.temperature, low=0.0)
+    _check_range("num_train_epochs", training.num_train_epochs, low=0.0)
+    _check_range("weight_decay", training.weight_decay, low=0.0, inclusive=True)
+    _check_range("max_grad_norm", training.max_grad_norm, low=0.0, inclusive=True, note="0 turns clipping off")
+    _check_range("warmup_ratio", training.warmup_ratio, low=0.0, high=1.0, inclusive=True)
+    _check_range("hard_negative_weight", loss.hard_negative_weight)
+    _check_range("sogclr_gamma", loss.sogclr_gamma, low=0.0, high=1.0)
+    if loss.dcl_weight_sigma is not None:
+        _check_range("dcl_weight_sigma", loss.dcl_weight_sigma, low=0.0)
+    at_least = {
+        "logging_steps": (training.logging_steps, 1),
+        "max_seq_length": (model.max_seq_length, 1),
+        "warmup_steps": (training.warmup_steps, 0),
+        "save_steps": (training.save_steps, 0),
+        "save_total_limit": (training.save_total_limit, 0),
+        "eval_steps": (training.eval_steps, 0),
+        "dataloader_num_workers": (training.dataloader_num_workers, 0),
+        "seed": (training.seed, 0),
+    }
+    if config.data.max_train_samples is not None:
+        at_least["max_train_samples"] = (config.data.max_train_samples, 2)
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    if training.max_steps == 0 or training.max_steps < -1:
+        raise ConfigError(f"max_steps must be >= 1 (or -1: use num_train_epochs), got {training.max_steps}")
+    from transformers import SchedulerType
+
+    _check_choice("lr_scheduler_type", training.lr_scheduler_type, tuple(t.value for t in SchedulerType))
+
+
+def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
+                 inclusive: bool = False, note: str = "") -> None:  # fmt: skip
+    """``low < value <= high`` (``low <= value`` if ``inclusive``), finite."""
+    bad = not math.isfinite(value)
+    bad |= low is not None and (value < low if inclusive else value <= low)
+    bad |= high is not None and value > high
+    if bad:
+        lower = "" if low is None else f"{'>=' if inclusive else '>'} {low:g}"
+        upper = "" if high is None else f"<= {high:g}"
+        wanted = " and ".join(part for part in (lower, upper) if part) or "a finite number"
+        raise ConfigError(f"{key} must be {wanted}{f' ({note})' if note else ''}, got {value}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -9,7 +9,7 @@ reads it back.
 
 from __future__ import annotations
 
-import json
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .checkpoint import atomic_folder
+from .run_folder import write_folder_atomically
 
 if TYPE_CHECKING:
     from .models.text import SentenceEncoder
@@ -65,23 +65,27 @@ def first_last_layer_pooling(dim: int, num_layers: int) -> nn.Module:
 
 
 def save_sentence_transformers_folder(
-    encoder: "SentenceEncoder", path: str | Path, model_card: str | None = None, training_config: str | None = None
+    encoder: "SentenceEncoder",
+    path: str | Path,
+    model_card: str | None = None,
+    training_config: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``encoder`` as a sentence-transformers folder at ``path`` (replacing it atomically).
+    """Write ``encoder`` as a sentence-transformers folder at ``path``, atomically.
 
-    ``training_config`` (the run's resolved yaml) is stored as ``training_config.yaml``: with it,
-    ``accelerate launch train.py --config training_config.yaml`` reproduces the run.
+    ``path`` must be new, empty, or (with ``overwrite``) an earlier export of ours: nothing else is ever replaced
+    (:func:`~simcse_flat.run_folder.write_folder_atomically`). ``training_config`` (the run's resolved yaml) is
+    stored as ``training_config.yaml``: with it, ``accelerate launch train.py --config training_config.yaml``
+    reproduces the run.
     """
     from sentence_transformers import SentenceTransformer
 
-    with atomic_folder(path) as out, tempfile.TemporaryDirectory() as backbone_dir:
+    metadata = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train}
+    with write_folder_atomically(path, overwrite, metadata) as out, tempfile.TemporaryDirectory() as backbone_dir:
         encoder.backbone.save_pretrained(backbone_dir)
         encoder.tokenizer.save_pretrained(backbone_dir)
         model = SentenceTransformer(modules=sentence_transformers_modules(encoder, backbone_dir), device="cpu")
         model.save(str(out), create_model_card=False)
-        (out / "simcse_flat.json").write_text(
-            json.dumps({"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train}, indent=2)
-        )
         if model_card is not None:
             (out / "README.md").write_text(model_card)
         if training_config is not None:
@@ -181,6 +185,30 @@ def _yaml_line(key: str, value) -> str:
     return f"{key}: {value}"
 
 
+PATH_SETTINGS = ("output_dir", "train_file", "eval_data_dir", "model_name_or_path", "data_root")
+
+
+def portable_config(config: dict) -> dict:
+    """The run's settings as they travel with a published model: no absolute path of the training machine (one under
+    the working folder becomes relative to it, any other keeps its last part; ``output_dir`` becomes
+    ``runs/NAME``), and nothing about how that run was resumed."""
+    portable = {**config, "resume_from": None, "overwrite_output_dir": False}
+    if "ignore_rng_state" in portable:
+        portable["ignore_rng_state"] = False
+    for key in PATH_SETTINGS:
+        value = portable.get(key)
+        if not isinstance(value, str) or not os.path.isabs(os.path.expanduser(value)):
+            continue
+        path = Path(value).expanduser()
+        if key == "output_dir":
+            portable[key] = f"runs/{path.name}"
+        elif path.is_relative_to(Path.cwd()):
+            portable[key] = str(path.relative_to(Path.cwd()))
+        else:
+            portable[key] = path.name
+    return portable
+
+
 def push_to_hub(path: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload a saved folder with ``huggingface_hub`` (the one network call; tests replace it)."""
     from huggingface_hub import HfApi
@@ -207,9 +235,9 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     dict) beside ``config.yaml``; the encoder is rebuilt from the config's base model, then loaded.
     """
     import yaml
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
-    from .models.text import SentenceEncoder
+    from .models.text import ModelLoadError, SentenceEncoder
 
     path = Path(path)
     if (path / "modules.json").exists():
@@ -217,12 +245,12 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
         config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
         return SentenceEncoder.from_pretrained(str(path)), config
     if not ((path / "model.safetensors").exists() and (path / "config.yaml").exists()):
-        raise FileNotFoundError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
+        raise ModelLoadError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text())
     encoder = SentenceEncoder.from_pretrained(
         config["model_name_or_path"],
         pooler=config["pooler"],
         mlp_only_train=config["mlp_only_train"],
     )
-    encoder.load_state_dict(load_file(path / "model.safetensors"))
+    load_model(encoder, str(path / "model.safetensors"))  # as the checkpoint wrote it (tied weights stored once)
     return encoder, config

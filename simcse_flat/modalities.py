@@ -22,7 +22,8 @@ class TrainingParts:
     model: nn.Module  # forward(**batch) -> (V*B, D) embeddings, view-major
     dataset: Dataset  # items are dicts carrying their data-set index as "idx"
     collate_fn: Callable[[list[dict]], dict]
-    save_model: Callable[[nn.Module, Path], object]  # (unwrapped model, folder); the loop adds card and config
+    # (unwrapped model, folder, overwrite=...): an atomic export; the loop adds card and config
+    save_model: Callable[..., object]
     description: str  # one line for the start-of-run summary
     symmetric: bool = False  # also score view 1 against view 0 (SimCLR); SimCSE scores one direction
     # the positive view alone, for EMC²'s chain negatives; unset: collate_fn, keeping view 1
@@ -40,7 +41,7 @@ def text_parts(config: RunConfig) -> TrainingParts:
         pooler=config.model.pooler,
         mlp_only_train=config.model.mlp_only_train,
     )  # its max_seq_length stays the inference length; the collator truncates training text
-    dataset = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
+    dataset, notes = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
     kind = "supervised (sent0, sent1, hard_neg)" if is_supervised(dataset) else "unsupervised (dropout views)"
     collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length)
     return TrainingParts(
@@ -49,7 +50,8 @@ def text_parts(config: RunConfig) -> TrainingParts:
         collate_fn=collator,
         collate_positives=collator.positives,
         save_model=save_sentence_transformers_folder,
-        description=f"{len(dataset)} {kind} examples from {config.data.train_file}",
+        description=f"{len(dataset)} {kind} examples from {config.data.train_file}"
+        + "".join(f" ({note})" for note in notes),
     )
 
 

@@ -21,31 +21,40 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .cli import USER_ERRORS, TrainingDiverged
 from .checkpoint import (
-    LOG_FILE,
     TrainState,
+    Trainables,
     changed_settings,
-    check_output_dir,
     checkpoint_path,
+    find_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    resolve_resume_path,
     save_checkpoint,
-    start_run_folder,
 )
 from .config import RunConfig
 from .data.text import DataError
-from .export import model_card
+from .export import model_card, portable_config
 from .grad_cache import GradCache
 from .losses import build_loss
 from .modalities import build_parts
 from .optim import build_optimizer
+from .run_folder import (
+    LOG_FILE,
+    RunLock,
+    add_files_to_export,
+    check_earlier_run,
+    preflight_output_dir,
+    start_run_folder,
+    write_text_atomically,
+)
 from .views import contrastive_loss_on_views, split_views
 
 
@@ -86,7 +95,9 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
     )
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.resume_from, args.overwrite_output_dir)  # before minutes of loading
+    # the folder's problems before minutes of loading; the lock keeps a second job out until this one ends
+    lock = RunLock(output_dir)
+    on_main(accelerator, lambda: _claim_output_dir(config, lock))
 
     # ---- model, data, loss --------------------------------------------------------------------------------------
     parts = build_parts(config)
@@ -111,6 +122,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
 
     encoder, optimizer, loader = accelerator.prepare(encoder, optimizer, loader)
     loss_fn.to(accelerator.device)
+    on_main(accelerator, lambda: preflight_output_dir(output_dir, _checkpoint_bytes(encoder, loss_fn)))
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     # stepped by hand once per optimizer step (a prepared scheduler steps once per *process*)
@@ -120,20 +132,26 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
         num_warmup_steps=args.warmup_steps or int(args.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    accelerator.register_for_checkpointing(scheduler, loss_fn)
+    trainables = Trainables(accelerator.unwrap_model(encoder), optimizer, scheduler, loss_fn, accelerator.scaler)
 
     state = TrainState()
     if args.resume_from:
-        path = resolve_resume_path(args.resume_from, output_dir)
+        # checked on the main process (checksums of every file), the choice shared with the others
+        path, skipped = on_main(accelerator, lambda: find_checkpoint(
+            args.resume_from, output_dir, accelerator.num_processes, args.ignore_rng_state))  # fmt: skip
+        for line in skipped:
+            accelerator.print(f"warning: {line}")
         if path is not None:
-            state = load_checkpoint(accelerator, path)
+            state = load_checkpoint(accelerator, path, trainables, args.ignore_rng_state)
             accelerator.print(f"resumed from {path} at step {state.step}")
+            if args.ignore_rng_state:
+                accelerator.print("warning: --ignore_rng_state: the random draws differ from the interrupted run's")
             for change in changed_settings(path, config.to_dict()):
                 accelerator.print(f"warning: resumed with a setting changed since that checkpoint: {change}")
     config_yaml = _config_yaml(config)
     if accelerator.is_main_process:
         start_run_folder(output_dir, state.step)
-        (output_dir / "config.yaml").write_text(config_yaml)
+        write_text_atomically(output_dir / "config.yaml", config_yaml)
     accelerator.wait_for_everyone()  # no process logs into the folder before it is this run's
     if args.report_to != "none":
         accelerator.init_trackers(args.run_name or output_dir.name, config=_tracker_config(config))
@@ -170,11 +188,14 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
                 loss, metrics = contrastive_loss_on_views(
                     loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples
                 )
+                _stop_if_not_finite(accelerator, "loss", loss.detach(), state, output_dir)
                 accelerator.backward(loss)
                 if cache is not None:  # the loss's gradient stopped at the cached embeddings; on into the encoder
                     cache.backward()
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
+                    if accelerator.mixed_precision != "fp16":  # fp16's scaler skips such a step by design
+                        _stop_if_not_finite(accelerator, "gradient norm", norm, state, output_dir)
                 optimizer.step()  # accelerate makes these no-ops until the last micro-batch of the step
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
@@ -197,7 +218,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
             if evaluating and (state.step % args.eval_steps == 0 or state.step == total_steps):
                 last_eval = _evaluate(accelerator, encoder, evaluator, parts.save_model, state, output_dir, history)
             if args.save_steps > 0 and state.step % args.save_steps == 0:
-                save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
+                save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
             if state.step >= total_steps:
                 break
         else:  # the epoch ran out before total_steps
@@ -207,7 +228,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
 
     # ---- the end: last checkpoint, final model ------------------------------------------------------------------
     if checkpoint_path(output_dir, state.step) not in list_checkpoints(output_dir):
-        save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit)
+        save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
     final = output_dir / "final"
     if accelerator.is_main_process:
         table = _results_table(evaluator, last_eval)
@@ -217,10 +238,78 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
             _print_before_after(accelerator, baseline, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    lock.release()
     return TrainResult(output_dir, final, state, history)
 
 
 # ---- helpers, in the order the loop uses them -------------------------------------------------------------------
+
+
+def on_main(accelerator: Accelerator, work: Callable[[], object]):
+    """Run ``work`` on the main process and hand its result, or its error, to every process: a check that fails
+    on the main process alone must stop all of them, not leave the others waiting for it at the next collective."""
+    outcome: list = [None, None]
+    error = None
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = work()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+            error = err
+            outcome[1] = err if isinstance(err, USER_ERRORS) else RuntimeError(f"on the main process: {err!r}")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    if error is not None:
+        raise error
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def _claim_output_dir(config: RunConfig, lock: RunLock) -> None:
+    args = config.training
+    preflight_output_dir(args.output_dir, _weights_bytes_on_disk(config))
+    lock.acquire()
+    check_earlier_run(args.output_dir, args.resume_from, args.overwrite_output_dir)
+
+
+def _weights_bytes_on_disk(config: RunConfig) -> int | None:
+    """A first guess at a checkpoint's size before the model loads: its weight files, three times over (weights and
+    two Adam moments); ``None`` for a model not on this disk. The exact check follows once the model is built."""
+    if config.model.modality != "text":
+        return None
+    from .models.text import resolve_model_path
+
+    try:
+        folder = Path(resolve_model_path(config.model.model_name_or_path))
+    except Exception:  # a hub id, or a package that is not installed: the loader reports it
+        return None
+    if not folder.is_dir():
+        return None
+    return 3 * sum(p.stat().st_size for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+
+
+def _checkpoint_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module) -> int:
+    """Weights, two optimizer moments, the loss state, and room to spare (a quarter)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = sum(b.numel() * b.element_size() for b in loss_fn.buffers())
+    return int(1.25 * (3 * weights + state))
+
+
+def _stop_if_not_finite(accelerator: Accelerator, what: str, value: torch.Tensor, state: TrainState, output_dir: Path) -> None:
+    """Stop the run, on every process at once, before a NaN or infinity reaches the weights or a checkpoint."""
+    bad = torch.logical_not(torch.isfinite(value.detach().float())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if float(bad) == 0:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"the {what} became {float(value):g} at step {state.step + 1}; stopped before updating the weights ({kept}). "
+        "Lower learning_rate, raise temperature, or check the data."
+    )
 
 
 def _loss_kwargs(config: RunConfig) -> dict:
@@ -266,8 +355,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _config_yaml(config: RunConfig) -> str:
-    import yaml
-
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
@@ -312,8 +399,8 @@ def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, ou
             metric = results[results["primary_metric"]]
             if save_model is not None and (state.best_metric is None or metric > state.best_metric):
                 state.best_metric, state.best_step = metric, state.step
-                save_model(model, output_dir / "best")
-                (output_dir / "best" / "eval_results.json").write_text(json.dumps({"step": state.step, **results}))
+                save_model(model, output_dir / "best", overwrite=True)
+                add_files_to_export(output_dir / "best", {"eval_results.json": json.dumps({"step": state.step, **results})})
         row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         _log(accelerator, output_dir, history, {"step": state.step, **row})
         accelerator.print(f"step {state.step}: {results['primary_metric']} = {metric:.2f}")
@@ -344,27 +431,30 @@ def _print_before_after(accelerator, baseline: dict | None, state: TrainState) -
 
 
 def _export(save_model, model, path: Path, config: RunConfig, loss_fn, state: TrainState, table: str | None) -> None:
-    save_model(model, path)
+    save_model(model, path, overwrite=True)  # final/ is this run's own
     _write_card(path, config, loss_fn, state.step, table)
 
 
 def _write_card(folder: Path, config: RunConfig, loss_fn, steps: int | None, table: str | None) -> None:
-    """The model card, and the resolved config its "Reproduce" command points at."""
-    (folder / "README.md").write_text(_card(config, loss_fn, steps, table))
-    (folder / "training_config.yaml").write_text(_config_yaml(config))
+    """The model card, and the resolved config its "Reproduce" command points at, with no path of this machine."""
+    portable = portable_config(config.to_dict())
+    add_files_to_export(folder, {
+        "README.md": _card(portable, config.model.modality, loss_fn, steps, table),
+        "training_config.yaml": yaml.safe_dump(portable, sort_keys=False),
+    })  # fmt: skip
 
 
-def _card(config: RunConfig, loss_fn, steps: int | None, table: str | None) -> str:
-    text = config.model.modality == "text"
+def _card(config: dict, modality: str, loss_fn, steps: int | None, table: str | None) -> str:
+    text = modality == "text"
     return model_card(
-        base_model=config.model.model_name_or_path if text else f"{config.vision.arch}, random init",
+        base_model=config["model_name_or_path"] if text else f"{config['arch']}, random init",
         loss_config=loss_fn.get_config_dict(),
-        config=config.to_dict(),
+        config=config,
         sts_table=table,
         command="accelerate launch train.py --config training_config.yaml",
-        data_license=config.data.data_license,
+        data_license=config["data_license"],
         steps=steps,
-        modality=config.model.modality,
+        modality=modality,
         citation=loss_fn.citation,
     )
 

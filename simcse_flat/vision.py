@@ -72,7 +72,7 @@ def vision_parts(config: RunConfig) -> TrainingParts:
         dataset=MultiViewDataset(images, augment),
         collate_fn=collate_views,
         collate_positives=collate_positive_view,
-        save_model=lambda model, path: model.save_pretrained(path),
+        save_model=lambda model, path, overwrite=False: model.save_pretrained(path, overwrite),
         description=f"{len(images)} {args.vision_dataset} images, 2 views at {encoder_config.image_size} px, "
         f"{args.arch}{stem}",
         symmetric=True,

@@ -29,7 +29,7 @@ def test_seed_summary_gives_mean_and_sample_deviation_per_loss():
 def test_text_rows_match_evaluate_sts_and_a_rerun_reads_finished_runs_back(tiny_bert, tmp_path, capsys):
     import shutil
 
-    from simcse_flat.checkpoint import read_log
+    from simcse_flat.run_folder import read_log
     from simcse_flat.evaluation import evaluate_sts
     from simcse_flat.models.text import SentenceEncoder
 

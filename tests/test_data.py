@@ -11,7 +11,15 @@ from simcse_flat.data.text import ContrastiveCollator, DataError, load_train_dat
 def test_sentences_are_read_one_per_line(tmp_path):
     path = tmp_path / "s.txt"
     path.write_text("first sentence\nsecond, with a comma\n")
-    assert read_sentences(path) == ["first sentence", "second, with a comma"]
+    assert read_sentences(path) == (["first sentence", "second, with a comma"], 0)
+
+
+def test_blank_lines_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("one paragraph.\n\nanother one.\n   \n\nthird.\n")  # paragraph breaks, one of spaces
+    assert read_sentences(path) == (["one paragraph.", "another one.", "third."], 3)
+    dataset, notes = load_train_dataset(str(path))
+    assert dataset["text"] == ["one paragraph.", "another one.", "third."] and notes == ["3 blank lines skipped"]
 
 
 @pytest.mark.parametrize(
@@ -19,7 +27,6 @@ def test_sentences_are_read_one_per_line(tmp_path):
     [
         (b"", "empty"),
         (b"  \n\n", "empty"),
-        (b"one\n\nthree\n", r"s\.txt:2: blank line"),
         (b"ok\nbad \xff byte\n", r"s\.txt:2: not valid UTF-8 \(byte 0xff at column 5\)"),
     ],
 )
@@ -27,7 +34,7 @@ def test_bad_sentence_files_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "s.txt"
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
-        read_sentences(path)
+        load_train_dataset(str(path))
 
 
 def test_missing_file(tmp_path):
@@ -40,7 +47,7 @@ def test_triples_with_and_without_hard_negatives(tmp_path):
     path.write_text('sent0,sent1,hard_neg\n"a, quoted",b,c\nd,e,f\n')
     assert read_triples(path) == {"sent0": ["a, quoted", "d"], "sent1": ["b", "e"], "hard_neg": ["c", "f"]}
     path.write_text("sent0,sent1\na,b\n")
-    assert list(load_train_dataset(str(path)).column_names) == ["sent0", "sent1"]
+    assert list(load_train_dataset(str(path))[0].column_names) == ["sent0", "sent1"]
 
 
 @pytest.mark.parametrize(
@@ -50,6 +57,8 @@ def test_triples_with_and_without_hard_negatives(tmp_path):
         ("sent0,sent1,hard_neg\na,b,c\nd,e\n", r"nli\.csv:3: expected 3 fields"),
         ("sent0,sent1\na,\n", r"nli\.csv:2: empty sent1"),
         ("sent0,sent1\n", "no rows"),
+        # a quote opened on line 2 and never closed swallows the rest: the error is at line 2, where it opens
+        ('sent0,sent1,hard_neg\na,"b,c\nd,e,f\n' + "g,h,i\n" * 9, r"nli\.csv:2: expected 3 fields .*runs on to line 12"),
     ],
 )
 def test_bad_csv_names_file_and_line(tmp_path, content, message):
@@ -76,7 +85,7 @@ def test_hub_dataset_is_loaded_through_datasets(monkeypatch):
         return Dataset.from_dict({"text": ["a", "b"], "other": [1, 2]})
 
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
-    dataset = load_train_dataset("someone/wiki1m", split="train")
+    dataset, _ = load_train_dataset("someone/wiki1m", split="train")
     assert seen == {"name": "someone/wiki1m", "split": "train"}
     assert dataset.column_names == ["text"]
 

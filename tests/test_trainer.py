@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from simcse_flat.checkpoint import CheckpointError, list_checkpoints, read_log, resolve_resume_path
+from simcse_flat.checkpoint import find_checkpoint, list_checkpoints
+from simcse_flat.run_folder import RunFolderError, read_log
 from simcse_flat.config import parse_config
 from simcse_flat.trainer import train
 
@@ -65,7 +66,7 @@ def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path, capsy
     (root / "checkpoint-00000006.tmp").mkdir()  # what a kill during save_checkpoint leaves
     (root / "checkpoint-00000006.tmp" / "model.safetensors").write_bytes(b"partial")
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002", "checkpoint-00000004"]
-    assert resolve_resume_path("latest", tmp_path / "run").name == "checkpoint-00000004"
+    assert find_checkpoint("latest", tmp_path / "run", num_processes=1)[0].name == "checkpoint-00000004"
     # resuming "latest" of a finished run trains nothing more and keeps the final model
     capsys.readouterr()
     again = train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5",
@@ -78,7 +79,7 @@ def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path, capsy
 def test_a_fresh_run_refuses_a_folder_holding_an_earlier_one_unless_told_to_overwrite(tiny_bert, tmp_path):
     train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5"))
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
-    with pytest.raises(CheckpointError, match=r"holds an earlier run \(checkpoints, log.jsonl, final, config.yaml\)"):
+    with pytest.raises(RunFolderError, match=r"holds an earlier run \(checkpoints, log.jsonl, final, config.yaml\)"):
         train(_config(tiny_bert, tmp_path, "--max_steps", "2"))
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before  # nothing lost
     again = train(_config(tiny_bert, tmp_path, "--max_steps", "2", "--save_steps", "0", "--overwrite_output_dir"))

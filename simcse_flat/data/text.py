@@ -53,18 +53,20 @@ def read_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = 
     return decoded
 
 
-def read_sentences(path: str | Path) -> list[str]:
-    """One sentence a line; blank lines are an error (SimCSE would train on them as empty sentences)."""
-    path = Path(path)
-    lines = read_utf8_lines(path)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise DataError(f"{path}:{number}: blank line (remove it: an empty sentence is no training example)")
-    return lines
+def read_sentences(path: str | Path) -> tuple[list[str], int]:
+    """One sentence a line, and how many blank lines were skipped (paragraph breaks are common in corpora; an empty
+    sentence is no training example)."""
+    lines = read_utf8_lines(Path(path))
+    sentences = [line for line in lines if line.strip()]
+    return sentences, len(lines) - len(sentences)
 
 
 def read_triples(path: str | Path) -> dict[str, list[str]]:
-    """A csv with header ``sent0,sent1`` or ``sent0,sent1,hard_neg``; every field non-empty."""
+    """A csv with header ``sent0,sent1`` or ``sent0,sent1,hard_neg``; every field non-empty.
+
+    Errors name the line where the row *starts*: a quote left open swallows the lines after it, and the line the
+    reader stopped on would point past the mistake.
+    """
     path = Path(path)
     text = "\n".join(read_utf8_lines(path))
     reader = csv.reader(io.StringIO(text))
@@ -73,24 +75,39 @@ def read_triples(path: str | Path) -> dict[str, list[str]]:
     if columns not in (list(SUP_COLUMNS[:2]), list(SUP_COLUMNS)):
         raise DataError(f"{path}:1: header must be 'sent0,sent1' or 'sent0,sent1,hard_neg', got {','.join(header)!r}")
     rows: dict[str, list[str]] = {c: [] for c in columns}
-    for row in reader:
-        number = reader.line_num
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise DataError(f"{path}:{start}: {err}") from None
         if len(row) != len(columns):
-            raise DataError(f"{path}:{number}: expected {len(columns)} fields ({','.join(columns)}), got {len(row)}")
+            spans = reader.line_num - start
+            hint = f" (the row runs on to line {reader.line_num}: a quote opened here is never closed?)" if spans else ""
+            raise DataError(f"{path}:{start}: expected {len(columns)} fields ({','.join(columns)}), got {len(row)}{hint}")
         for column, value in zip(columns, row):
             if not value.strip():
-                raise DataError(f"{path}:{number}: empty {column}")
+                raise DataError(f"{path}:{start}: empty {column}")
             rows[column].append(value)
     if not rows["sent0"]:
         raise DataError(f"{path}: no rows after the header")
     return rows
 
 
-def load_train_dataset(train_file: str, split: str = "train", max_samples: int | None = None) -> Dataset:
-    """The training set as a ``datasets.Dataset`` with column ``text`` or ``sent0, sent1[, hard_neg]``."""
+def load_train_dataset(train_file: str, split: str = "train", max_samples: int | None = None) -> tuple[Dataset, list[str]]:
+    """The training set as a ``datasets.Dataset`` with column ``text`` or ``sent0, sent1[, hard_neg]``, and notes
+    for the run's opening line (what was skipped)."""
     path = Path(train_file)
+    notes = []
     if path.suffix == ".txt":
-        dataset = Dataset.from_dict({"text": read_sentences(path)})
+        sentences, blank = read_sentences(path)
+        if not sentences:
+            raise DataError(f"{path}: only blank lines")
+        dataset = Dataset.from_dict({"text": sentences})
+        if blank:
+            notes.append(f"{blank} blank line{'s' if blank > 1 else ''} skipped")
     elif path.suffix == ".csv":
         dataset = Dataset.from_dict(read_triples(path))
     elif path.exists() or path.suffix:
@@ -99,7 +116,7 @@ def load_train_dataset(train_file: str, split: str = "train", max_samples: int |
         dataset = _load_hub_dataset(train_file, split)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset
+    return dataset, notes
 
 
 def _load_hub_dataset(name: str, split: str) -> Dataset:

@@ -22,7 +22,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_folder
+from ..run_folder import write_folder_atomically
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 NORM_LAYERS = ("batch", "group", "none")
@@ -118,9 +118,10 @@ class VisionEncoder(nn.Module):
         """``(N, C, H, W)`` → ``(N, feature_dim)``: the representation before the head, for downstream tasks."""
         return self.backbone(pixel_values)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``vision_config.json`` and ``model.safetensors`` to ``path``, replacing it atomically."""
-        with atomic_folder(path) as folder:
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``vision_config.json`` and ``model.safetensors`` to ``path`` atomically; ``path`` must be new, empty,
+        or (with ``overwrite``) an earlier export of ours."""
+        with write_folder_atomically(path, overwrite) as folder:
             (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
             weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(weights, str(folder / WEIGHTS_FILE))
