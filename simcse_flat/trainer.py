@@ -86,6 +86,14 @@ class TrainResult:
 
 def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the final model is and the logged history."""
+    lock = RunLock(config.training.output_dir)  # held while the run lives, released however it ends
+    try:
+        return _train(config, evaluator, lock)
+    finally:
+        lock.release()
+
+
+def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None, lock: RunLock) -> TrainResult:
     args = config.training
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -96,7 +104,6 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     # the folder's problems before minutes of loading; the lock keeps a second job out until this one ends
-    lock = RunLock(output_dir)
     on_main(accelerator, lambda: _claim_output_dir(config, lock))
 
     # ---- model, data, loss --------------------------------------------------------------------------------------
@@ -238,7 +245,6 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
             _print_before_after(accelerator, baseline, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    lock.release()
     return TrainResult(output_dir, final, state, history)
 
 

@@ -42,6 +42,26 @@ def test_unknown_flag_names_closest():
         (["--per_device_train_batch_size", "1"], "must be >= 2"),
         (["--mixed_precision", "fp8"], "mixed_precision"),
         (["--temperature", "0"], "temperature must be > 0"),
+        # caught here, before the model loads: before, nan trained to NaN weights, a negative lr failed after loading
+        # (adamw) or trained silently (lars), and logging_steps 0 divided by zero after step 1
+        (["--temperature", "nan"], "temperature must be > 0, got nan"),
+        (["--temperature", "inf"], "temperature must be > 0, got inf"),
+        (["--learning_rate=-1e-3"], "learning_rate must be > 0"),
+        (["--learning_rate", "-0.1", "--optim", "lars"], "learning_rate must be > 0"),
+        (["--learning_rate", "nan"], "learning_rate must be > 0"),
+        (["--logging_steps", "0"], "logging_steps must be >= 1, got 0"),
+        (["--max_steps", "0"], "max_steps must be >= 1"),
+        (["--num_train_epochs", "0"], "num_train_epochs must be > 0"),
+        (["--save_steps", "-5"], "save_steps must be >= 0"),
+        (["--eval_steps", "-1"], "eval_steps must be >= 0"),
+        (["--warmup_ratio", "1.5"], "warmup_ratio must be >= 0 and <= 1"),
+        (["--weight_decay", "-0.01"], "weight_decay must be >= 0"),
+        (["--max_grad_norm", "nan"], "max_grad_norm must be >= 0"),
+        (["--hard_negative_weight", "inf"], "hard_negative_weight must be a finite number"),
+        (["--sogclr_gamma", "0"], "sogclr_gamma must be > 0 and <= 1"),
+        (["--max_seq_length", "0"], "max_seq_length must be >= 1"),
+        (["--max_train_samples", "1"], "max_train_samples must be >= 2"),
+        (["--lr_scheduler_type", "cosine_warmup"], "lr_scheduler_type must be one of"),
     ],
 )
 def test_bad_values_are_rejected_before_loading_anything(argv, message):
