@@ -41,13 +41,29 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: str = field(
-        default="data/quickstart_sentences.txt",
-        metadata={"help": ".txt (one sentence a line: unsupervised), .csv with sent0,sent1[,hard_neg] (supervised), or a hub dataset id."},
+    train_file: list[str] = field(
+        default_factory=lambda: ["data/quickstart_sentences.txt"],
+        metadata={"help": ".txt (one sentence a line: unsupervised), .csv with sent0,sent1[,hard_neg] (supervised), "
+                  "or a hub dataset id; several (a yaml list, or several after the flag): each batch from one."},
+    )
+    dataset_sampling: str = field(
+        default="proportional",
+        metadata={"help": "With several train_file: proportional (every batch of every source once an epoch, "
+                  "shuffled; train_file_weights scale a source) | round_robin (sources in turn, until one runs out)."},
+    )
+    train_file_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per train_file (proportional): 2 = its batches twice an epoch."}
+    )
+    dedupe: bool = field(
+        default=False, metadata={"help": "Drop rows that repeat an earlier row's text (the premise, for triples)."}
+    )
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the Arrow copies of training files go; unset: the datasets cache."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only N examples: the first N sentences, or N images drawn at random."}
+        default=None,
+        metadata={"help": "Use only N examples (of each train_file): the first N rows, or N images drawn at random."},
     )
     data_license: str | None = field(default=None, metadata={"help": "Licence of the training data, for the model card."})
 
@@ -233,7 +249,18 @@ def validate(config: RunConfig) -> None:
     from .losses import loss_class
     from .models.text import resolve_pooler
 
-    training = config.training
+    training, data = config.training, config.data
+    if isinstance(data.train_file, str):  # a yaml may give one file as a plain string
+        data.train_file = [data.train_file]
+    _check_choice("dataset_sampling", data.dataset_sampling, ("proportional", "round_robin"))
+    if data.train_file_weights is not None:
+        if len(data.train_file_weights) != len(data.train_file) or data.dataset_sampling != "proportional":
+            raise ConfigError(
+                f"train_file_weights needs one weight per train_file ({len(data.train_file)}) and "
+                f"dataset_sampling: proportional; got {len(data.train_file_weights)} with {data.dataset_sampling}"
+            )
+        for weight in data.train_file_weights:
+            _check_range("train_file_weights", weight, low=0.0)
     try:
         loss_class(config.loss.loss)
         resolve_pooler(config.model.pooler)

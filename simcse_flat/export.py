@@ -137,7 +137,7 @@ def model_card(
         f"| gradient accumulation | {config.get('gradient_accumulation_steps')} |",
         f"| learning rate | {config.get('learning_rate')} |",
         f"| optimizer steps | {steps} |",
-        f"| training data | `{train_data or (config.get('train_file') if text else config.get('vision_dataset'))}` |",
+        f"| training data | `{_names(train_data or (config.get('train_file') if text else config.get('vision_dataset')))}` |",
         f"| data licence | {data_license or 'see the data source'} |",
         "",
     ]
@@ -179,6 +179,10 @@ def _vision_rows(config: dict) -> list[str]:
     ]
 
 
+def _names(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _yaml_line(key: str, value) -> str:
     if isinstance(value, list):
         return f"{key}:\n" + "\n".join(f"- {v}" for v in value)
@@ -197,16 +201,20 @@ def portable_config(config: dict) -> dict:
         portable["ignore_rng_state"] = False
     for key in PATH_SETTINGS:
         value = portable.get(key)
-        if not isinstance(value, str) or not os.path.isabs(os.path.expanduser(value)):
-            continue
-        path = Path(value).expanduser()
-        if key == "output_dir":
-            portable[key] = f"runs/{path.name}"
-        elif path.is_relative_to(Path.cwd()):
-            portable[key] = str(path.relative_to(Path.cwd()))
-        else:
-            portable[key] = path.name
+        if isinstance(value, list):  # several train_file
+            portable[key] = [_portable_path(key, v) for v in value]
+        elif isinstance(value, str):
+            portable[key] = _portable_path(key, value)
     return portable
+
+
+def _portable_path(key: str, value: str) -> str:
+    if not os.path.isabs(os.path.expanduser(value)):
+        return value
+    path = Path(value).expanduser()
+    if key == "output_dir":
+        return f"runs/{path.name}"
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else path.name
 
 
 def push_to_hub(path: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:

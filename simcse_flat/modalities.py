@@ -28,11 +28,14 @@ class TrainingParts:
     symmetric: bool = False  # also score view 1 against view 0 (SimCLR); SimCSE scores one direction
     # the positive view alone, for EMC²'s chain negatives; unset: collate_fn, keeping view 1
     collate_positives: Callable[[list[dict]], dict] | None = None
+    # examples in each source, in data-set order (ids 0..n0-1 are source 0's, ...); unset: one source
+    source_sizes: list[int] | None = None
 
 
 def text_parts(config: RunConfig) -> TrainingParts:
-    """SimCSE: a HuggingFace encoder with a pooler, sentences or NLI triples, a sentence-transformers folder."""
-    from .data.text import ContrastiveCollator, IndexedDataset, is_supervised, load_train_dataset
+    """SimCSE: a HuggingFace encoder with a pooler, sentences or NLI triples (one or several sources), a
+    sentence-transformers folder."""
+    from .data.text import ContrastiveCollator, SourcesDataset, load_train_source
     from .export import save_sentence_transformers_folder
     from .models.text import SentenceEncoder
 
@@ -41,18 +44,28 @@ def text_parts(config: RunConfig) -> TrainingParts:
         pooler=config.model.pooler,
         mlp_only_train=config.model.mlp_only_train,
     )  # its max_seq_length stays the inference length; the collator truncates training text
-    dataset, notes = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
-    kind = "supervised (sent0, sent1, hard_neg)" if is_supervised(dataset) else "unsupervised (dropout views)"
+    data = config.data
+    files = [data.train_file] if isinstance(data.train_file, str) else data.train_file
+    sources = [
+        load_train_source(f, data.dataset_split, data.max_train_samples, data.dedupe, data.data_cache_dir) for f in files
+    ]
     collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length)
+    dataset = SourcesDataset(sources)
     return TrainingParts(
         model=encoder,
-        dataset=IndexedDataset(dataset),
+        dataset=dataset,
         collate_fn=collator,
         collate_positives=collator.positives,
         save_model=save_sentence_transformers_folder,
-        description=f"{len(dataset)} {kind} examples from {config.data.train_file}"
-        + "".join(f" ({note})" for note in notes),
+        description="; ".join(_describe(source) for source in sources),
+        source_sizes=dataset.sizes,
     )
+
+
+def _describe(source) -> str:
+    kind = "supervised (sent0, sent1, hard_neg)" if source.supervised else "unsupervised (dropout views)"
+    notes = "".join(f" ({note})" for note in source.notes)
+    return f"{len(source.dataset)} {kind} examples from {source.name}{notes}"
 
 
 def build_parts(config: RunConfig) -> TrainingParts:

@@ -24,7 +24,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -40,6 +40,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import RunConfig
+from .data.batching import SourceBatchSampler
 from .data.text import DataError
 from .export import model_card, portable_config
 from .grad_cache import GradCache
@@ -57,23 +58,6 @@ from .run_folder import (
 )
 from .views import contrastive_loss_on_views, split_views
 
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation that is a function of ``(seed, epoch)`` only, so a resumed run replays the same order."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 @dataclass
@@ -109,20 +93,21 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     # ---- model, data, loss --------------------------------------------------------------------------------------
     parts = build_parts(config)
     encoder, dataset = parts.model, parts.dataset
-    sampler = EpochSampler(len(dataset), args.seed)
+    world_batch = args.per_device_train_batch_size * accelerator.num_processes
+    sizes = parts.source_sizes or [len(dataset)]
+    for name, size in zip(config.data.train_file if parts.source_sizes else ["the data"], sizes):
+        if size < world_batch:
+            raise DataError(f"{name}: {size} examples, fewer than one batch of {world_batch}")
+    batches = SourceBatchSampler(sizes, args.per_device_train_batch_size, accelerator.num_processes, args.seed,
+                                 config.data.dataset_sampling, config.data.train_file_weights)  # fmt: skip
     loader = DataLoader(
         dataset,
-        batch_size=args.per_device_train_batch_size,
-        sampler=sampler,
+        batch_sampler=batches,
         collate_fn=parts.collate_fn,
-        drop_last=True,  # every process and every step sees the same number of negatives
         num_workers=args.dataloader_num_workers,
         # its own generator: starting an epoch (or a resumed one) must not draw from the RNG that drives dropout
         generator=torch.Generator().manual_seed(args.seed),
     )
-    world_batch = args.per_device_train_batch_size * accelerator.num_processes
-    if len(dataset) < world_batch:
-        raise DataError(f"{parts.description}: fewer examples than one batch of {world_batch}")
     loss_fn = build_loss(config.loss.loss, dataset_size=len(dataset), **_loss_kwargs(config))
     step_batch = world_batch * args.gradient_accumulation_steps  # what lr_scaling scales by
     optimizer = build_optimizer(_param_groups(encoder, args.weight_decay), args, accelerator.device, step_batch)
@@ -188,6 +173,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         # accelerate's loader hands its own epoch counter to the sampler on each pass; set it to ours
         epoch_loader.set_epoch(state.epoch)
+        batches.set_epoch(state.epoch)  # (accelerate does not reach a sampler wrapped for sharding or skipping)
         for batch in epoch_loader:
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")

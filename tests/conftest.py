@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 # tests never touch the network: a hub look-up fails at once instead of hanging
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the Arrow copies of the tests' training files go to a folder of this session, not the user's datasets cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="simcse_flat_tests_datasets_"))
 
 SHARED_DATA = Path(os.environ.get("SIMCSE_FLAT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

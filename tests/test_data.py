@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simcse_flat.data.text import ContrastiveCollator, DataError, load_train_dataset, read_sentences, read_triples
+from simcse_flat.data.text import ContrastiveCollator, DataError, load_train_source, read_sentences, read_triples
 
 
 def test_sentences_are_read_one_per_line(tmp_path):
@@ -18,8 +18,9 @@ def test_blank_lines_are_skipped_and_counted(tmp_path):
     path = tmp_path / "s.txt"
     path.write_text("one paragraph.\n\nanother one.\n   \n\nthird.\n")  # paragraph breaks, one of spaces
     assert read_sentences(path) == (["one paragraph.", "another one.", "third."], 3)
-    dataset, notes = load_train_dataset(str(path))
-    assert dataset["text"] == ["one paragraph.", "another one.", "third."] and notes == ["3 blank lines skipped"]
+    source = load_train_source(str(path))
+    assert list(source.dataset["text"]) == ["one paragraph.", "another one.", "third."]
+    assert source.notes == ["3 blank lines skipped"]
 
 
 @pytest.mark.parametrize(
@@ -34,12 +35,12 @@ def test_bad_sentence_files_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "s.txt"
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
-        load_train_dataset(str(path))
+        load_train_source(str(path))
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        load_train_dataset(str(tmp_path / "nope.txt"))
+        load_train_source(str(tmp_path / "nope.txt"))
 
 
 def test_triples_with_and_without_hard_negatives(tmp_path):
@@ -47,7 +48,7 @@ def test_triples_with_and_without_hard_negatives(tmp_path):
     path.write_text('sent0,sent1,hard_neg\n"a, quoted",b,c\nd,e,f\n')
     assert read_triples(path) == {"sent0": ["a, quoted", "d"], "sent1": ["b", "e"], "hard_neg": ["c", "f"]}
     path.write_text("sent0,sent1\na,b\n")
-    assert list(load_train_dataset(str(path))[0].column_names) == ["sent0", "sent1"]
+    assert load_train_source(str(path)).dataset.column_names == ["sent0", "sent1", "key"]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_unsupported_extension(tmp_path):
     path = tmp_path / "data.json"
     path.write_text("{}")
     with pytest.raises(DataError, match="unsupported file type"):
-        load_train_dataset(str(path))
+        load_train_source(str(path))
 
 
 def test_hub_dataset_is_loaded_through_datasets(monkeypatch):
@@ -85,9 +86,9 @@ def test_hub_dataset_is_loaded_through_datasets(monkeypatch):
         return Dataset.from_dict({"text": ["a", "b"], "other": [1, 2]})
 
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
-    dataset, _ = load_train_dataset("someone/wiki1m", split="train")
+    dataset = load_train_source("someone/wiki1m", split="train").dataset
     assert seen == {"name": "someone/wiki1m", "split": "train"}
-    assert dataset.column_names == ["text"]
+    assert dataset.column_names == ["text", "key"]
 
 
 def test_collator_lays_out_views_view_major(tiny_bert):

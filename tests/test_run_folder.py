@@ -151,7 +151,7 @@ def test_exported_folders_carry_no_path_of_the_training_machine(trained_run, tmp
     import yaml
 
     config = yaml.safe_load((trained_run / "final" / "training_config.yaml").read_text())
-    assert (config["output_dir"], config["train_file"], config["resume_from"]) == ("runs/run", "train.txt", None)
+    assert (config["output_dir"], config["train_file"], config["resume_from"]) == ("runs/run", ["train.txt"], None)
 
 
 def test_check_destination_allows_new_and_empty_folders(tmp_path):

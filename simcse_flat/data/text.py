@@ -13,10 +13,16 @@ line before training starts: an error names the file, the line and what is wrong
 
 from __future__ import annotations
 
+import bisect
 import csv
-import io
+import hashlib
+import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 
 import torch
 from datasets import Dataset
@@ -36,45 +42,75 @@ def read_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = 
     A missing or empty file, or a line that is not UTF-8, raises ``error`` naming the file (and the line, the byte
     and its column). Shared by the training data and the STS readers.
     """
+    return [line for _, line in iter_utf8_lines(path, error, kind)]
+
+
+def iter_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = "training file") -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of :func:`read_utf8_lines`, read as a stream: a corpus larger than memory is fine."""
+    _check_not_empty(path, error, kind)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):  # binary iteration splits on b"\n" only
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{path}:{number}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
+
+
+def _check_not_empty(path: Path, error: type[DataError], kind: str) -> None:
     if not path.is_file():
         raise error(f"{kind} not found: {path}")
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    if not raw.strip():
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
+        while head and not head.strip():  # whitespace so far: read on, in blocks, until something shows
+            head = handle.read(1 << 16)
+    if not head.strip():
         raise error(f"{path}: the file is empty")
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the final newline ends the last line; it does not start an empty one
-    decoded = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            decoded.append(line.decode("utf-8").removesuffix("\r"))
-        except UnicodeDecodeError as err:
-            raise error(f"{path}:{number}: not valid UTF-8 (byte {line[err.start]:#04x} at column {err.start + 1})") from None
-    return decoded
+
+
+def content_key(text: str) -> int:
+    """A 64-bit key of the text, the same for the same words whatever the spacing or Unicode composition: two samples
+    with one key are duplicates, which must never serve as each other's negatives."""
+    normal = " ".join(unicodedata.normalize("NFC", text).split())
+    return int.from_bytes(hashlib.blake2b(normal.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def read_sentences(path: str | Path) -> tuple[list[str], int]:
     """One sentence a line, and how many blank lines were skipped (paragraph breaks are common in corpora; an empty
-    sentence is no training example)."""
-    lines = read_utf8_lines(Path(path))
-    sentences = [line for line in lines if line.strip()]
-    return sentences, len(lines) - len(sentences)
+    sentence is no training example). In memory: for small files; training reads through :func:`load_train_dataset`."""
+    rows = [row["text"] for row in _sentence_rows(str(path))]
+    lines = sum(1 for _ in iter_utf8_lines(Path(path)))
+    return rows, lines - len(rows)
 
 
 def read_triples(path: str | Path) -> dict[str, list[str]]:
-    """A csv with header ``sent0,sent1`` or ``sent0,sent1,hard_neg``; every field non-empty.
+    """A csv with header ``sent0,sent1`` or ``sent0,sent1,hard_neg``; every field non-empty. In memory, as above."""
+    rows = list(_triple_rows(str(path)))
+    return {column: [row[column] for row in rows] for column in rows[0] if column != "key"}
+
+
+def _sentence_rows(path: str, **cache_key) -> Iterator[dict]:
+    """The rows of a sentence file, streamed: ``text`` and its ``key``; blank lines skipped."""
+    for _, line in iter_utf8_lines(Path(path)):
+        if line.strip():
+            yield {"text": line, "key": content_key(line)}
+
+
+def _triple_rows(path: str, **cache_key) -> Iterator[dict]:
+    """The rows of a triples csv, streamed, keyed by the premise (rows sharing one are duplicates as anchors).
 
     Errors name the line where the row *starts*: a quote left open swallows the lines after it, and the line the
     reader stopped on would point past the mistake.
     """
     path = Path(path)
-    text = "\n".join(read_utf8_lines(path))
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(line + "\n" for _, line in iter_utf8_lines(path))
     header = next(reader)
     columns = [h.strip() for h in header]
     if columns not in (list(SUP_COLUMNS[:2]), list(SUP_COLUMNS)):
         raise DataError(f"{path}:1: header must be 'sent0,sent1' or 'sent0,sent1,hard_neg', got {','.join(header)!r}")
-    rows: dict[str, list[str]] = {c: [] for c in columns}
+    any_row = False
     while True:
         start = reader.line_num + 1
         try:
@@ -90,33 +126,114 @@ def read_triples(path: str | Path) -> dict[str, list[str]]:
         for column, value in zip(columns, row):
             if not value.strip():
                 raise DataError(f"{path}:{start}: empty {column}")
-            rows[column].append(value)
-    if not rows["sent0"]:
+        any_row = True
+        yield {**dict(zip(columns, row)), "key": content_key(row[0])}
+    if not any_row:
         raise DataError(f"{path}: no rows after the header")
-    return rows
 
 
-def load_train_dataset(train_file: str, split: str = "train", max_samples: int | None = None) -> tuple[Dataset, list[str]]:
-    """The training set as a ``datasets.Dataset`` with column ``text`` or ``sent0, sent1[, hard_neg]``, and notes
-    for the run's opening line (what was skipped)."""
+@dataclass
+class TrainSource:
+    """One training corpus: where from, its rows (``text`` or ``sent0, sent1[, hard_neg]``, plus ``key``), and what
+    the run's opening line should say about it (blank lines skipped, duplicates)."""
+
+    name: str
+    dataset: Dataset
+    notes: list[str]
+
+    @property
+    def supervised(self) -> bool:
+        return "sent0" in self.dataset.column_names
+
+
+def load_train_source(
+    train_file: str, split: str = "train", max_samples: int | None = None, dedupe: bool = False,
+    cache_dir: str | None = None,
+) -> TrainSource:  # fmt: skip
+    """A ``.txt``, a ``.csv`` or a hub dataset as a :class:`TrainSource`.
+
+    Local files are checked line by line as they are streamed into an Arrow file in the ``datasets`` cache (memory-
+    mapped, so memory does not grow with the corpus; rebuilt only when the file changes). ``dedupe`` keeps the first
+    of each group of rows with one ``key``; otherwise duplicates are counted and kept.
+    """
     path = Path(train_file)
-    notes = []
-    if path.suffix == ".txt":
-        sentences, blank = read_sentences(path)
-        if not sentences:
-            raise DataError(f"{path}: only blank lines")
-        dataset = Dataset.from_dict({"text": sentences})
-        if blank:
-            notes.append(f"{blank} blank line{'s' if blank > 1 else ''} skipped")
-    elif path.suffix == ".csv":
-        dataset = Dataset.from_dict(read_triples(path))
+    if path.suffix in (".txt", ".csv"):
+        rows = _sentence_rows if path.suffix == ".txt" else _triple_rows
+        dataset = _arrow_dataset(rows, path, cache_dir)
     elif path.exists() or path.suffix:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt (unsupervised) or .csv (supervised)")
     else:
         dataset = _load_hub_dataset(train_file, split)
+    stats = _source_stats(dataset, path if path.suffix == ".txt" else None)
+    notes = []
+    if stats["blank_lines"]:
+        notes.append(f"{stats['blank_lines']} blank line{'s' * (stats['blank_lines'] > 1)} skipped")
+    if dedupe and stats["duplicates"]:
+        dataset = dataset.select(first_of_each_key(dataset))
+        notes.append(f"{stats['duplicates']} duplicates dropped (dedupe)")
+    elif stats["duplicates"]:
+        notes.append(f"{stats['duplicates']} duplicates")
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset, notes
+    return TrainSource(train_file, dataset, notes)
+
+
+def _arrow_dataset(rows, path: Path, cache_dir: str | None) -> Dataset:
+    from datasets.exceptions import DatasetGenerationError
+
+    _check_not_empty(path, DataError, "training file")
+    stat = path.stat()  # in the cache key: a changed file is read again
+    cache_key = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        dataset = Dataset.from_generator(rows, gen_kwargs=cache_key, cache_dir=cache_dir)
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, DataError):
+            raise err.__cause__ from None
+        raise
+    if len(dataset) == 0:
+        raise DataError(f"{path}: only blank lines")
+    return dataset
+
+
+def _source_stats(dataset: Dataset, text_file: Path | None) -> dict[str, int]:
+    """Blank lines skipped and duplicate rows (rows whose key an earlier row has): read once, then kept beside the
+    Arrow cache file, so a run on a cached 10M-line corpus starts without reading the corpus again."""
+    sidecar = None
+    if dataset.cache_files:  # one per Arrow file: a cache folder can hold several (splits, map results)
+        arrow = Path(dataset.cache_files[-1]["filename"])
+        sidecar = arrow.with_name(arrow.name + ".simcse_flat_stats.json")
+    if sidecar is not None and sidecar.exists():
+        return json.loads(sidecar.read_text())
+    keys = _keys(dataset)
+    keys.sort()
+    duplicates = int((keys[1:] == keys[:-1]).sum()) if len(keys) > 1 else 0
+    lines = _count_lines(text_file) if text_file is not None else len(dataset)
+    stats = {"rows": len(dataset), "blank_lines": lines - len(dataset), "duplicates": duplicates}
+    if sidecar is not None:
+        sidecar.write_text(json.dumps(stats))
+    return stats
+
+
+def first_of_each_key(dataset: Dataset) -> list[int]:
+    """Row indices keeping the first row of each key, in order."""
+    _, first = np.unique(_keys(dataset), return_index=True)
+    return np.sort(first).tolist()
+
+
+def _keys(dataset: Dataset) -> np.ndarray:
+    """The ``key`` column as one int64 array, read chunk by chunk from Arrow (not through Python objects)."""
+    column = dataset.data.column("key")
+    return np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks]) if column.num_chunks \
+        else np.empty(0, dtype=np.int64)
+
+
+def _count_lines(path: Path) -> int:
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
 
 
 def _load_hub_dataset(name: str, split: str) -> Dataset:
@@ -128,10 +245,14 @@ def _load_hub_dataset(name: str, split: str) -> Dataset:
         raise DataError(f"cannot load training data {name!r} (not a local file, and the hub said: {err})") from err
     columns = set(dataset.column_names)
     if "text" in columns:
-        return dataset.select_columns(["text"])
+        return _with_keys(dataset.select_columns(["text"]), "text")
     if {"sent0", "sent1"} <= columns:
-        return dataset.select_columns([c for c in SUP_COLUMNS if c in columns])
+        return _with_keys(dataset.select_columns([c for c in SUP_COLUMNS if c in columns]), "sent0")
     raise DataError(f"hub dataset {name!r} needs a 'text' column or 'sent0','sent1'[,'hard_neg'], has {sorted(columns)}")
+
+
+def _with_keys(dataset: Dataset, column: str) -> Dataset:
+    return dataset.map(lambda batch: {"key": [content_key(t) for t in batch[column]]}, batched=True, desc="keys")
 
 
 def is_supervised(dataset: Dataset) -> bool:
@@ -162,9 +283,9 @@ class ContrastiveCollator:
         return batch
 
     def positives(self, examples: list[dict]) -> dict[str, Tensor]:
-        """The positive view alone (``text``, or ``sent1``), tokenized: what EMC² re-encodes for its chains."""
-        column = "text" if "text" in examples[0] else "sent1"
-        return self._tokenize([e[column] for e in examples])
+        """The positive view alone (``text``, or ``sent1``), tokenized: what EMC² re-encodes for its chains. Per
+        example: a chain's negatives may come from any source of a run with several."""
+        return self._tokenize([e["text"] if "text" in e else e["sent1"] for e in examples])
 
     def _tokenize(self, sentences: list[str]) -> dict[str, Tensor]:
         return dict(
@@ -172,14 +293,18 @@ class ContrastiveCollator:
         )
 
 
-class IndexedDataset(torch.utils.data.Dataset):
-    """Wraps a ``datasets.Dataset`` so each example carries its row index as ``idx``."""
+class SourcesDataset(torch.utils.data.Dataset):
+    """Several training sources as one index space: source ``s`` owns sample ids ``offset_s .. offset_s + n_s - 1``,
+    so per-sample state (EMC²'s chains, SogCLR's u) covers every source. Each item carries its id as ``idx``."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, sources: list[TrainSource]) -> None:
+        self.sources = sources
+        self.sizes = [len(source.dataset) for source in sources]
+        self.offsets = np.cumsum([0, *self.sizes]).tolist()
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.offsets[-1]
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "idx": index}
+        source = bisect.bisect_right(self.offsets, index) - 1
+        return {**self.sources[source].dataset[index - self.offsets[source]], "idx": index}
