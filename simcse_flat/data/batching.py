@@ -87,7 +87,9 @@ class SourceBatchSampler:
         offset, size = self.offsets[source], self.sizes[source]
         usable = size - size % self.batch_size  # drop_last, as a DataLoader over one permutation does
         for pass_ in range(1_000_000):
-            permutation = torch.randperm(size, generator=self._generator(source, pass_))
+            # int32 (the same permutation as int64): half the memory of an epoch's order on a 10M-line corpus
+            dtype = torch.int32 if size < 2**31 else torch.int64
+            permutation = torch.randperm(size, generator=self._generator(source, pass_), dtype=dtype)
             for start in range(0, usable, self.batch_size):
                 yield (permutation[start : start + self.batch_size] + offset).tolist()
 
