@@ -254,7 +254,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, parts: Trainable
 
     path = Path(path)
     try:
-        load_model(parts.model, str(path / MODEL_FILE), strict=True, device=str(accelerator.device))
+        load_model(parts.model, str(path / MODEL_FILE), strict=True)  # read on the CPU, copied into the parameters
     except RuntimeError as err:
         raise CheckpointError(
             f"{path / MODEL_FILE}: does not fit this model ({str(err).splitlines()[0]}): was it written with another "

@@ -40,6 +40,7 @@ def run_cli(main: Callable[[], object]) -> int:
     except USER_ERRORS as err:
         if os.environ.get("SIMCSE_FLAT_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch every process stops with the same error
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
