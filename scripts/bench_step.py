@@ -59,7 +59,11 @@ def time_simcse_flat(args: argparse.Namespace, loss: str, output_dir: Path, *ext
 def time_sentence_transformers(args: argparse.Namespace, workdir: Path) -> float:
     """Seconds per optimizer step of ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss``."""
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 

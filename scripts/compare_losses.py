@@ -28,10 +28,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from simcse_flat.run_folder import read_log
 from simcse_flat.cli import quiet_transformers, run_cli
 from simcse_flat.config import RunConfig, parse_config
 from simcse_flat.evaluation import TASK_NAMES, StsTask, evaluate_sts, load_sts_tasks
+from simcse_flat.run_folder import read_log
 from simcse_flat.trainer import train_from_config
 
 

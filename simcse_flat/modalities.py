@@ -8,7 +8,6 @@ index as ``idx``; a collate function; and a way to save the trained model. ``con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from torch import nn

@@ -28,10 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .cli import USER_ERRORS, TrainingDiverged
 from .checkpoint import (
-    TrainState,
     Trainables,
+    TrainState,
     changed_settings,
     checkpoint_path,
     find_checkpoint,
@@ -39,6 +38,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .cli import USER_ERRORS, TrainingDiverged
 from .config import RunConfig
 from .data.batching import SourceBatchSampler
 from .data.text import DataError
@@ -57,7 +57,6 @@ from .run_folder import (
     write_text_atomically,
 )
 from .views import contrastive_loss_on_views, split_views
-
 
 
 @dataclass

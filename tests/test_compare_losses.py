@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import WORDS, load_script
 
 SENTEVAL_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "senteval"  # the quickstart's STS-B dev copy
@@ -29,9 +28,9 @@ def test_seed_summary_gives_mean_and_sample_deviation_per_loss():
 def test_text_rows_match_evaluate_sts_and_a_rerun_reads_finished_runs_back(tiny_bert, tmp_path, capsys):
     import shutil
 
-    from simcse_flat.run_folder import read_log
     from simcse_flat.evaluation import evaluate_sts
     from simcse_flat.models.text import SentenceEncoder
+    from simcse_flat.run_folder import read_log
 
     script = load_script("compare_losses")
     sentences = tmp_path / "train.txt"

@@ -92,24 +92,27 @@ def test_output_folder_problems_are_reported_before_the_model_loads(tiny_bert, t
         raise AssertionError("the model was loaded before the output folder was checked")
 
     monkeypatch.setattr(trainer, "build_parts", must_not_load)
-    output, message = tmp_path / "out", "cannot write there"
+    output = tmp_path / "out"
+    messages = {"file": "is a file", "under_a_file": "lies under", "symlink_loop": "leads nowhere",
+                "unwritable": "cannot write there", "disk_full": "0 MiB free, a checkpoint needs about"}  # fmt: skip
     if case == "file":
-        output.write_text("a file"); message = "is a file"  # fmt: skip
+        output.write_text("a file")
     elif case == "under_a_file":
-        (tmp_path / "file").write_text("x"); output = tmp_path / "file" / "out"; message = "lies under"  # fmt: skip
+        (tmp_path / "file").write_text("x")
+        output = tmp_path / "file" / "out"
     elif case == "symlink_loop":
-        output.symlink_to(output); message = "leads nowhere"  # fmt: skip
+        output.symlink_to(output)
     elif case == "unwritable":  # root ignores permission bits, so the refusal the OS would give is simulated
+
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
         monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", refuse)
     elif case == "disk_full":
         monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-        message = "1000 B free|0 MiB free, a checkpoint needs about"
     config = _config(tiny_bert, tmp_path)
     config.training.output_dir = str(output)
-    with pytest.raises(RunFolderError, match=message):
+    with pytest.raises(RunFolderError, match=messages[case]):
         train(config)
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from simcse_flat.checkpoint import find_checkpoint, list_checkpoints
-from simcse_flat.run_folder import RunFolderError, read_log
 from simcse_flat.config import parse_config
+from simcse_flat.run_folder import RunFolderError, read_log
 from simcse_flat.trainer import train
 
 from conftest import WORDS

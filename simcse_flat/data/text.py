@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
 import torch
 from datasets import Dataset
 from torch import Tensor
