@@ -6,8 +6,9 @@
 For each size a corpus of random sentences is generated once (``--workdir``), then ``train.py``'s library entry
 point trains ``--steps`` steps on it in a fresh process, twice: first with an empty ``datasets`` cache (the file is
 streamed into Arrow), then with the cache filled (what every later run of that corpus does). Each child reports its
-peak resident memory (``ru_maxrss``) and the seconds from process start to the first training step. The loss is
-InfoNCE, which keeps no per-sample state; EMC²'s chains and SogCLR's u add 12 and 4 bytes a sample, listed beside.
+peak resident memory (``ru_maxrss``, mapped file pages included), its anonymous resident memory at the end, and
+the seconds from process start to the first training step. The loss is InfoNCE, which keeps no per-sample state;
+EMC²'s chains and SogCLR's u add 12 and 4 bytes a sample, listed beside.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def measure(args: argparse.Namespace) -> None:
     ])  # fmt: skip
     trainer.train(config)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({"peak_rss_bytes": peak, "seconds_to_first_step": first_step[0]}))
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    anon = int(status["RssAnon"].split()[0]) * 1024  # what is not a mapped file: Python objects, tensors
+    print(json.dumps({"peak_rss_bytes": peak, "anon_rss_bytes": anon, "seconds_to_first_step": first_step[0]}))
 
 
 def main() -> None:
@@ -98,7 +101,8 @@ def main() -> None:
             shutil.rmtree(cache)  # our own scratch: the first run must build the Arrow file
         runs = []
         for _ in ("fresh cache", "filled cache"):
-            env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+            threads = os.environ.get("OMP_NUM_THREADS", "2")
+            env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": threads}
             done = subprocess.run([sys.executable, __file__, "--child", str(path), "--model", args.model,
                                    "--batch_size", str(args.batch_size), "--steps", str(args.steps)],
                                   capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
@@ -109,12 +113,13 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["runs"][1]["peak_rss_bytes"]
     print(f"\n{'lines':>11} {'file MiB':>9} {'peak RSS MiB (fresh / cached)':>31} {'vs smallest':>12} "
-          f"{'s to first step (fresh / cached)':>34} {'EMC² / SogCLR state MiB':>24}")  # fmt: skip
+          f"{'anon MiB at end':>16} {'s to first step (fresh / cached)':>34} "
+          f"{'EMC² / SogCLR state MiB':>24}")  # fmt: skip
     for row in rows:
         fresh, cached = row["runs"]
         print(f"{row['lines']:>11,} {row['bytes'] / 2**20:>9.0f} "
               f"{fresh['peak_rss_bytes'] / 2**20:>14.0f} / {cached['peak_rss_bytes'] / 2**20:<14.0f} "
-              f"{cached['peak_rss_bytes'] / base - 1:>+11.1%} "
+              f"{cached['peak_rss_bytes'] / base - 1:>+11.1%} {cached['anon_rss_bytes'] / 2**20:>16.0f} "
               f"{fresh['seconds_to_first_step']:>16.1f} / {cached['seconds_to_first_step']:<15.1f} "
               f"{12 * row['lines'] / 2**20:>11.1f} / {4 * row['lines'] / 2**20:<10.1f}")  # fmt: skip
 

@@ -152,7 +152,8 @@ def _save_main_files(folder: Path, parts: Trainables, config_yaml: str) -> None:
 def _seal(tmp: Path, final: Path, state: TrainState, num_processes: int) -> None:
     """Checksum every file (syncing it to disk), then write the state file last and rename the folder."""
     files = {p.name: _describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    _write_synced(tmp / MANIFEST_FILE, json.dumps({"format": 1, "num_processes": num_processes, "files": files}, indent=1))
+    manifest = {"format": 1, "num_processes": num_processes, "files": files}
+    _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))
     _write_synced(tmp / STATE_FILE, state.to_json())  # its presence marks a complete folder
     if final.exists():  # the same step saved again after a resume
         shutil.rmtree(final)
@@ -247,7 +248,9 @@ def find_checkpoint(resume_from: str, output_dir: str | Path, num_processes: int
     return None, []
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path, parts: Trainables, ignore_rng_state: bool = False) -> TrainState:
+def load_checkpoint(
+    accelerator: Accelerator, path: str | Path, parts: Trainables, ignore_rng_state: bool = False
+) -> TrainState:
     """Restore weights, optimizer, scheduler, scaler, loss state and this process's RNG from a checkpoint that
     :func:`validate_checkpoint` accepted; return its :class:`TrainState`."""
     from safetensors.torch import load_model

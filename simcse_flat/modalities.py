@@ -46,7 +46,8 @@ def text_parts(config: RunConfig) -> TrainingParts:
     data = config.data
     files = [data.train_file] if isinstance(data.train_file, str) else data.train_file
     sources = [
-        load_train_source(f, data.dataset_split, data.max_train_samples, data.dedupe, data.data_cache_dir) for f in files
+        load_train_source(file, data.dataset_split, data.max_train_samples, data.dedupe, data.data_cache_dir)
+        for file in files
     ]
     collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length)
     dataset = SourcesDataset(sources)

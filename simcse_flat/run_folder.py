@@ -214,7 +214,8 @@ def write_folder_atomically(path: str | Path, overwrite: bool = False, metadata:
         folder.mkdir()
         yield folder
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
-        (folder / EXPORT_MARKER).write_text(json.dumps({**(metadata or {}), "files": [*files, EXPORT_MARKER]}, indent=2))
+        marker = {**(metadata or {}), "files": [*files, EXPORT_MARKER]}
+        (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=2))
         if path.exists():
             check_destination(path, overwrite)  # nothing crept in while we wrote
             os.replace(path, scratch / "old")  # aside first: a kill between the renames loses nothing

@@ -288,7 +288,9 @@ def _checkpoint_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module) -> int:
     return int(1.25 * (3 * weights + state))
 
 
-def _stop_if_not_finite(accelerator: Accelerator, what: str, value: torch.Tensor, state: TrainState, output_dir: Path) -> None:
+def _stop_if_not_finite(
+    accelerator: Accelerator, what: str, value: torch.Tensor, state: TrainState, output_dir: Path
+) -> None:
     """Stop the run, on every process at once, before a NaN or infinity reaches the weights or a checkpoint."""
     bad = torch.logical_not(torch.isfinite(value.detach().float())).float().reshape(1)
     if accelerator.num_processes > 1:
@@ -391,7 +393,8 @@ def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, ou
             if save_model is not None and (state.best_metric is None or metric > state.best_metric):
                 state.best_metric, state.best_step = metric, state.step
                 save_model(model, output_dir / "best", overwrite=True)
-                add_files_to_export(output_dir / "best", {"eval_results.json": json.dumps({"step": state.step, **results})})
+                scores = json.dumps({"step": state.step, **results})
+                add_files_to_export(output_dir / "best", {"eval_results.json": scores})
         row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         _log(accelerator, output_dir, history, {"step": state.step, **row})
         accelerator.print(f"step {state.step}: {results['primary_metric']} = {metric:.2f}")

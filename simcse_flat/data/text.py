@@ -44,7 +44,9 @@ def read_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = 
     return [line for _, line in iter_utf8_lines(path, error, kind)]
 
 
-def iter_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = "training file") -> Iterator[tuple[int, str]]:
+def iter_utf8_lines(
+    path: Path, error: type[DataError] = DataError, kind: str = "training file"
+) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of :func:`read_utf8_lines`, read as a stream: a corpus larger than memory is fine."""
     _check_not_empty(path, error, kind)
     with open(path, "rb") as handle:
@@ -55,7 +57,8 @@ def iter_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = 
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise error(f"{path}:{number}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
+                byte = f"byte {raw[err.start]:#04x} at column {err.start + 1}"
+                raise error(f"{path}:{number}: not valid UTF-8 ({byte})") from None
 
 
 def _check_not_empty(path: Path, error: type[DataError], kind: str) -> None:
@@ -120,8 +123,9 @@ def _triple_rows(path: str, **cache_key) -> Iterator[dict]:
             raise DataError(f"{path}:{start}: {err}") from None
         if len(row) != len(columns):
             spans = reader.line_num - start
-            hint = f" (the row runs on to line {reader.line_num}: a quote opened here is never closed?)" if spans else ""
-            raise DataError(f"{path}:{start}: expected {len(columns)} fields ({','.join(columns)}), got {len(row)}{hint}")
+            hint = f" (the row runs on to line {reader.line_num}: a quote opened here is never closed?)" * (spans > 0)
+            expected = f"{len(columns)} fields ({','.join(columns)})"
+            raise DataError(f"{path}:{start}: expected {expected}, got {len(row)}{hint}")
         for column, value in zip(columns, row):
             if not value.strip():
                 raise DataError(f"{path}:{start}: empty {column}")
@@ -184,7 +188,9 @@ def _arrow_dataset(rows, path: Path, cache_dir: str | None) -> Dataset:
     stat = path.stat()  # in the cache key: a changed file is read again
     cache_key = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     try:
-        dataset = Dataset.from_generator(rows, gen_kwargs=cache_key, cache_dir=cache_dir)
+        # large record batches: opening the file walks them all, and with datasets' 1,000 rows a batch that walk
+        # made a 10M-line corpus resident (RSS +580 MB); with 100,000 it touches a few pages (bench_memory.py)
+        dataset = Dataset.from_generator(rows, gen_kwargs=cache_key, cache_dir=cache_dir, writer_batch_size=100_000)
     except DatasetGenerationError as err:
         if isinstance(err.__cause__, DataError):
             raise err.__cause__ from None
@@ -247,7 +253,8 @@ def _load_hub_dataset(name: str, split: str) -> Dataset:
         return _with_keys(dataset.select_columns(["text"]), "text")
     if {"sent0", "sent1"} <= columns:
         return _with_keys(dataset.select_columns([c for c in SUP_COLUMNS if c in columns]), "sent0")
-    raise DataError(f"hub dataset {name!r} needs a 'text' column or 'sent0','sent1'[,'hard_neg'], has {sorted(columns)}")
+    wanted = "a 'text' column or 'sent0','sent1'[,'hard_neg']"
+    raise DataError(f"hub dataset {name!r} needs {wanted}, has {sorted(columns)}")
 
 
 def _with_keys(dataset: Dataset, column: str) -> Dataset:
