@@ -163,6 +163,9 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         # accelerate's loader hands its own epoch counter to the sampler on each pass; set it to ours
         epoch_loader.set_epoch(state.epoch)
+        # and to the sampler itself: on several processes the skipping loader of a resumed epoch wraps the sampler
+        # one level deeper than accelerate's set_epoch looks, which left it on epoch 0's order
+        sampler.set_epoch(state.epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")
