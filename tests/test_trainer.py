@@ -125,15 +125,6 @@ def test_gradient_accumulation_steps_count_optimizer_steps(tiny_bert, tmp_path):
     assert (result.state.epoch, result.state.batch_in_epoch) == (0, 5)
 
 
-def test_supervised_triples_train(tiny_bert, tmp_path):
-    rows = ["sent0,sent1,hard_neg"] + [f"a man {w},the man {w},no dog {w}" for w in WORDS[:16]]
-    (tmp_path / "nli.csv").write_text("\n".join(rows) + "\n")
-    config = _config(tiny_bert, tmp_path, "--max_steps", "2", "--save_steps", "0", "--hard_negative_weight", "0.2")
-    config.data.train_file = str(tmp_path / "nli.csv")
-    result = train(config)
-    assert result.state.step == 2 and all(torch.isfinite(torch.tensor(v)) for v in _losses(result).values())
-
-
 def _log_by_step(run_dir: Path) -> dict[int, float]:
     """Training loss per step from log.jsonl, whose steps must each appear once: a resumed run drops the rows
     logged after its checkpoint before it logs those steps again."""
