@@ -216,7 +216,7 @@ def test_hub_loader_checks_splits_columns_scores_and_network(monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(StsDataError, match="Offline, pass a SentEval-layout folder as data_dir"):
+    with pytest.raises(StsDataError, match="Offline, pass a SentEval-layout folder as data_dir$"):
         load_hub_task("sts14")
 
 
@@ -394,6 +394,8 @@ def test_table_lines_in_full():
     assert lines[3].startswith("avg                ") and len(lines[3].split()) == 2
     assert lines[4] == ("spearman: cosine Spearman x 100; for sts12 SentEval's 'all' aggregation (one Spearman over "
                         "the pooled sub-sets, SimCSE's figure); wmean: the sub-sets' Spearmans weighted by size")
+    two = format_sts_table(evaluate_sts(CosineEncoder(), [sts, StsTask("sts13", sts.subsets, aggregated=True)]))
+    assert "; for sts12, sts13 SentEval's 'all' aggregation" in two
 
 
 # ------------------------------------------------------------------------------ real data and command line
