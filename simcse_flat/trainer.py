@@ -172,7 +172,9 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         # accelerate's loader hands its own epoch counter to the sampler on each pass; set it to ours
         epoch_loader.set_epoch(state.epoch)
-        batches.set_epoch(state.epoch)  # (accelerate does not reach a sampler wrapped for sharding or skipping)
+        # and to the sampler itself: accelerate's set_epoch does not reach a sampler wrapped for sharding or
+        # skipping, which left a resumed epoch on several processes on epoch 0's order
+        batches.set_epoch(state.epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")

@@ -57,16 +57,21 @@ def load_script(name: str):
     return script
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def loopback_init_method() -> str:
     """Where test processes meet for gloo: a TCP store on a free loopback port.
 
     Not a file store: its teardown raced with the other rank's exit and aborted a process now and then (SIGABRT).
     """
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_loopback_port()}"
 
 
 def end_worker() -> None:
@@ -79,6 +84,16 @@ def end_worker() -> None:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+@pytest.fixture(scope="session")
+def bert_without_dropout(tmp_path_factory) -> Path:
+    """A tiny BERT whose forward pass is deterministic: two views of a sentence embed the same, and runs that split
+    a batch differently (processes, chunks, micro-batches) compute the same numbers."""
+    return write_tiny_bert(tmp_path_factory.mktemp("bert_no_dropout"), **NO_DROPOUT)
 
 
 @pytest.fixture(scope="session")

@@ -31,19 +31,23 @@ def test_dcl_matches_hand_computed():
 
 @pytest.mark.parametrize("hard_negatives", [False, True])
 def test_dcl_without_weighting_equals_flatnce_in_value_and_gradient(hard_negatives):
-    # the relation is an identity: logsumexp over j != t minus s_t, for any candidates, hard negatives included
+    # the relation is an identity: logsumexp over j != t minus s_t, for any candidates, hard negatives included;
+    # both are checked against that formula written out here, not only against each other
     torch.manual_seed(0)
-    anchors = torch.randn(5, 8, requires_grad=True)
-    candidates = torch.randn(10 if hard_negatives else 5, 8, requires_grad=True)
+    anchors = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(10 if hard_negatives else 5, 8, dtype=torch.float64, requires_grad=True)
     extra = {"hard_negative_index": torch.arange(5, 10)} if hard_negatives else {}
-    results = []
+    s = _scores(anchors, candidates)
+    if hard_negatives:
+        s = s + 0.3 * torch.cat([torch.zeros(5, 5), torch.eye(5)], dim=1)  # on anchor i's own hard negative, 5 + i
+    positive = torch.eye(5, s.size(1), dtype=torch.bool)
+    reference = (torch.logsumexp(s.masked_fill(positive, float("-inf")), dim=1) - s.diagonal()).mean()
+    reference_grads = torch.autograd.grad(reference, (anchors, candidates))
     for loss_fn in (DCLLoss(TAU, hard_negative_weight=0.3), FlatNCELoss(TAU, hard_negative_weight=0.3)):
         loss, _ = loss_fn(anchors, candidates, torch.arange(5), **extra)
-        results.append((loss, torch.autograd.grad(loss, (anchors, candidates))))
-    (dcl, dcl_grads), (flat, flat_grads) = results
-    torch.testing.assert_close(dcl, flat)
-    for a, b in zip(dcl_grads, flat_grads):
-        torch.testing.assert_close(a, b)
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5), loss_fn.name
+        for ours, expected in zip(torch.autograd.grad(loss, (anchors, candidates)), reference_grads):
+            torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_dclw_weights_and_gradient_follow_the_paper():
@@ -61,8 +65,11 @@ def test_dclw_weights_and_gradient_follow_the_paper():
     negatives = torch.logsumexp(s.masked_fill(torch.eye(6, dtype=torch.bool), float("-inf")), dim=1)
     reference = (-w * s.diagonal() + negatives).mean()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
-    assert w.mean().item() == pytest.approx(1.0)  # the weights average 1 ...
-    assert w[cos.argmax()] == w.min() and metrics["dcl_weight_min"].item() == pytest.approx(w.min().item(), rel=1e-5)
+    weights = DCLLoss(TAU, weight_sigma=sigma).positive_weights(cos)  # the loss's own weights against the paper's
+    torch.testing.assert_close(weights, w)
+    assert weights.mean().item() == pytest.approx(1.0) and weights[cos.argmax()] == weights.min()
+    assert metrics["dcl_weight_min"].item() == pytest.approx(w.min().item(), rel=1e-5)
+    assert metrics["dcl_weight_max"].item() == pytest.approx(w.max().item(), rel=1e-5)
     for ours, ref in zip(grads, torch.autograd.grad(reference, (anchors, candidates))):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
 

@@ -17,6 +17,12 @@ from simcse_flat.views import contrastive_loss_on_views
 from conftest import end_worker, loopback_init_method
 
 BATCH, DIM, VIEWS_OF = 4, 6, {"unsup": 2, "sup": 3}
+LOSS_SETTINGS = {"dclw": ("dcl", {"weight_sigma": 0.5})}  # test name -> loss and its own settings
+
+
+def _loss(name: str):
+    loss, settings = LOSS_SETTINGS.get(name, (name, {}))
+    return build_loss(loss, temperature=0.1, hard_negative_weight=0.5, **settings)
 
 
 class _Encoder(nn.Sequential):
@@ -46,7 +52,7 @@ def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, 
         inputs, ids = _inputs(world, VIEWS_OF[mode])
         mine = slice(rank * BATCH, (rank + 1) * BATCH)
         rows = inputs[:, mine].reshape(-1, DIM)  # this process's examples, all views, view-major
-        loss_fn = build_loss(loss_name, temperature=0.1, hard_negative_weight=0.5)
+        loss_fn = _loss(loss_name)
         # GradCache: each chunk's backward but the last under DDP's no_sync (one reduction a step, same sum)
         cache = GradCache(model, chunk, model.no_sync) if chunk else None
         embeddings = cache.encode({"x": rows}) if cache else model(rows)
@@ -64,8 +70,9 @@ def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, 
 
 @pytest.mark.parametrize(
     "mode, loss_name, chunk",
-    [("unsup", "infonce", 0), ("unsup", "flatnce", 0), ("sup", "infonce", 0), ("sup", "flatnce", 0), ("sup", "flatnce", 5)],
-    ids=["unsup-infonce", "unsup-flatnce", "sup-infonce", "sup-flatnce", "sup-flatnce-gradcache"],
+    [("unsup", "infonce", 0), ("unsup", "flatnce", 0), ("sup", "infonce", 0), ("sup", "flatnce", 0), ("sup", "flatnce", 5),
+     ("unsup", "dclw", 0)],  # DCLW: each weight is relative to the mean over every process's positives
+    ids=["unsup-infonce", "unsup-flatnce", "sup-infonce", "sup-flatnce", "sup-flatnce-gradcache", "unsup-dclw"],
 )
 def test_two_gloo_processes_give_the_single_process_gradient(tmp_path, mode, loss_name, chunk):
     world = 2
@@ -75,7 +82,7 @@ def test_two_gloo_processes_give_the_single_process_gradient(tmp_path, mode, los
 
     model = _encoder()
     inputs, ids = _inputs(world, VIEWS_OF[mode])
-    loss_fn = build_loss(loss_name, temperature=0.1, hard_negative_weight=0.5)
+    loss_fn = _loss(loss_name)
     loss, _ = contrastive_loss_on_views(loss_fn, model(inputs.reshape(-1, DIM)), ids)
     loss.backward()
     for got, expected in zip(two_process, _grads(model)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import WORDS, write_tiny_bert
+from conftest import WORDS
 
 from simcse_flat.config import ConfigError, parse_config
 from simcse_flat.grad_cache import GradCache, split_rows
@@ -12,13 +12,6 @@ from simcse_flat.losses import build_loss
 from simcse_flat.models.text import SentenceEncoder
 from simcse_flat.trainer import train
 from simcse_flat.views import contrastive_loss_on_views
-
-NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-
-
-@pytest.fixture(scope="module")
-def bert_without_dropout(tmp_path_factory):
-    return write_tiny_bert(tmp_path_factory.mktemp("bert_no_dropout"), **NO_DROPOUT)
 
 
 def _batch(encoder: SentenceEncoder, n: int = 7) -> tuple[dict, torch.Tensor]:

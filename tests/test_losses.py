@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simcse_flat.losses import FlatNCELoss, InfoNCELoss, build_loss, loss_class
+from simcse_flat.losses import LOSSES, FlatNCELoss, InfoNCELoss, build_loss, loss_class
 
 TAU = 0.05
 
@@ -138,8 +138,28 @@ def test_exclude_index_removes_the_anchor_itself():
 
 
 def test_unknown_loss_names_the_closest():
-    with pytest.raises(ValueError, match="flatnce"):
+    choices = f"unknown loss {{name!r}}; choose one of {sorted(LOSSES)}."
+    with pytest.raises(ValueError) as close:
         loss_class("flatnc")
+    assert str(close.value) == choices.format(name="flatnc") + " Did you mean 'flatnce'?"
+    with pytest.raises(ValueError) as far:
+        loss_class("zzz")
+    assert str(far.value) == choices.format(name="zzz")  # nothing close: no hint
+
+
+def test_config_dicts_hold_every_setting_the_model_card_shows():
+    defaults = {"temperature": 0.05, "hard_negative_weight": 0.0}
+    assert build_loss("infonce").get_config_dict() == {"loss": "infonce", **defaults}
+    assert build_loss("dcl").get_config_dict() == {"loss": "dcl", **defaults}  # no weight_sigma: plain DCL
+    assert build_loss("sogclr", dataset_size=4).get_config_dict() == {"loss": "sogclr", **defaults, "gamma": 0.9}
+    assert build_loss("emc2", dataset_size=4, seed=7).get_config_dict() == {
+        "loss": "emc2", **defaults, "seed": 7, "proposals": "2(B-1)"  # unset: the official code's sweep
+    }
+    settings = {"temperature": 0.1, "hard_negative_weight": 0.3}
+    for name in LOSSES:
+        config = build_loss(name, dataset_size=4, **settings).get_config_dict()
+        assert {key: config[key] for key in settings} == settings, name
+    assert build_loss("emc2", dataset_size=4, proposals=1).get_config_dict()["proposals"] == 1
 
 
 def test_one_candidate_is_refused():
@@ -150,3 +170,6 @@ def test_one_candidate_is_refused():
 def test_an_input_the_loss_does_not_take_is_an_error():
     with pytest.raises(TypeError, match="infonce loss takes no chain_negatives"):
         InfoNCELoss()(torch.randn(2, 3), torch.randn(2, 3), torch.arange(2), chain_negatives=torch.randn(2, 3))
+    with pytest.raises(TypeError, match="^the infonce loss takes no chain_negatives, weights$"):
+        InfoNCELoss()(torch.randn(2, 3), torch.randn(2, 3), torch.arange(2), weights=torch.ones(2),
+                      chain_negatives=torch.randn(2, 3))  # fmt: skip

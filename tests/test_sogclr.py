@@ -138,7 +138,24 @@ def test_sogclr_is_registered_and_needs_its_inputs():
     assert loss_fn.log_u.element_size() == 4  # bytes of state per sample
     with pytest.raises(ValueError, match="data-set size"):
         build_loss("sogclr")
-    with pytest.raises(ValueError, match="gamma"):
-        build_loss("sogclr", dataset_size=M, gamma=0.0)
-    with pytest.raises(ValueError, match="anchor_ids"):
+    for gamma in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
+            build_loss("sogclr", dataset_size=M, gamma=gamma)
+    with pytest.raises(ValueError, match="^SogCLRLoss keeps a moving average per data-set sample: pass anchor_ids$"):
         loss_fn(torch.randn(2, 3), torch.randn(2, 3), torch.arange(2))
+
+
+def test_u_averages_over_each_rows_negatives_hard_negatives_included():
+    # step 1: two anchors against their positives and two hard negatives, 3 negatives a row; step 2: two other
+    # anchors against their positives only, 1 negative a row. u_i is the first visit's batch mean, by hand.
+    loss_fn = SogCLRLoss(dataset_size=M, temperature=TAU)
+    generator = torch.Generator().manual_seed(3)
+    anchors, candidates = torch.randn(2, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    _, metrics = loss_fn(anchors, candidates, torch.arange(2), anchor_ids=torch.tensor([0, 1]))
+    s = _scores(anchors, candidates)
+    u = [(s[0, 1:].exp().sum() / 3).item(), ((s[1, 0].exp() + s[1, 2:].exp().sum()) / 3).item()]
+    assert loss_fn.log_u[:2].exp().tolist() == pytest.approx(u, rel=1e-5)
+    assert metrics["sogclr_log_u"].item() == pytest.approx(sum(math.log(x) for x in u) / 2, rel=1e-5)
+    assert metrics["sogclr_weight_mean"].item() == pytest.approx(1.0)  # first visit: u is the batch estimate
+    loss_fn(anchors, candidates[:2], torch.arange(2), anchor_ids=torch.tensor([2, 3]))
+    assert loss_fn.log_u[2:4].exp().tolist() == pytest.approx([s[0, 1].exp().item(), s[1, 0].exp().item()], rel=1e-5)
