@@ -64,6 +64,12 @@ class LossArguments:
                   "samples a step, gradient averaged over its second half (mixes fast, leans toward the batch's "
                   "softmax). 1: the paper's step, exactly invariant, but a chain moves at most once an epoch."},
     )
+    negatives: str | None = field(
+        default=None,
+        metadata={"help": "cross_view (SimCSE, CLIP: each anchor against the other view of every sample, B-1 "
+                  "negatives) | all_views (SimCLR's NT-Xent: every view against both views of every other sample, "
+                  "2B-2 negatives). Unset: all_views for vision, cross_view for text."},
+    )
     emc2_refresh_negatives: bool = field(
         default=True,
         metadata={"help": "EMC²: re-encode each chain's negative every step (exact gradient, one more forward of B "
@@ -259,6 +265,7 @@ def validate(config: RunConfig) -> None:
     _check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
     if config.model.modality == "vision":
         _validate_vision(config.vision)
+    _validate_loss_choices(config.loss)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -266,6 +273,12 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def _validate_loss_choices(loss: LossArguments) -> None:
+    """The loss's named choices (issue 12: candidate set, EMC²'s kernel)."""
+    if loss.negatives is not None:
+        _check_choice("negatives", loss.negatives, ("cross_view", "all_views"))
 
 
 def _validate_vision(vision: VisionArguments) -> None:

@@ -25,6 +25,7 @@ class TrainingParts:
     save_model: Callable[[nn.Module, Path], object]  # (unwrapped model, folder); the loop adds card and config
     description: str  # one line for the start-of-run summary
     symmetric: bool = False  # also score view 1 against view 0 (SimCLR); SimCSE scores one direction
+    negatives: str = "cross_view"  # views.contrastive_loss_on_views: cross_view (SimCSE) | all_views (NT-Xent)
     # the positive view alone, for EMC²'s chain negatives; unset: collate_fn, keeping view 1
     collate_positives: Callable[[list[dict]], dict] | None = None
 
@@ -50,6 +51,7 @@ def text_parts(config: RunConfig) -> TrainingParts:
         collate_positives=collator.positives,
         save_model=save_sentence_transformers_folder,
         description=f"{len(dataset)} {kind} examples from {config.data.train_file}",
+        negatives=config.loss.negatives or "cross_view",
     )
 
 

@@ -168,7 +168,7 @@ def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None
                 sample_ids = batch.pop("sample_ids")
                 embeddings = encode(batch)
                 loss, metrics = contrastive_loss_on_views(
-                    loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples
+                    loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples, parts.negatives
                 )
                 accelerator.backward(loss)
                 if cache is not None:  # the loss's gradient stopped at the cached embeddings; on into the encoder

@@ -17,7 +17,9 @@ class InfoNCELoss(ContrastiveLoss):
 
     with :math:`t_i` the column of anchor :math:`i`'s positive; the loss is the mean of :math:`\ell_i` over anchors.
     Candidates are the in-batch positives of the other anchors (gathered from every process) and, in supervised
-    mode, the hard negatives, whose own-anchor logit gets ``hard_negative_weight`` added (SimCSE).
+    mode, the hard negatives, whose own-anchor logit gets ``hard_negative_weight`` added (SimCSE). With
+    ``negatives: all_views`` (the vision default) every view is an anchor against both views of every other sample
+    and its own column excluded: SimCLR's NT-Xent, ``2B - 2`` negatives (:mod:`simcse_flat.views`).
 
     Papers: van den Oord et al., "Representation Learning with Contrastive Predictive Coding" (arXiv 1807.03748);
     Gao, Yao, Chen, "SimCSE: Simple Contrastive Learning of Sentence Embeddings" (EMNLP 2021, arXiv 2104.08821).
