@@ -10,6 +10,8 @@ from ..distributed import gather_no_grad, world_size
 from ..samplers import McmcNegativeSampler
 from .base import ContrastiveLoss, negative_logsumexp, positive_logits
 
+KERNELS = ("paper", "official_scan")
+
 
 class EMC2Loss(ContrastiveLoss):
     r"""EMC² (Yau et al., 2024): SGD on the global contrastive loss with one MCMC negative per anchor and step.
@@ -105,15 +107,20 @@ class EMC2Loss(ContrastiveLoss):
         hard_negative_weight: float = 0.0,
         seed: int = 0,
         proposals: int | None = None,
+        kernel: str = "paper",
     ) -> None:
         super().__init__(temperature, hard_negative_weight)
         if proposals is not None and proposals < 1:
             raise ValueError(f"EMC² needs at least one proposal per anchor and step, got {proposals}")
+        if kernel not in KERNELS:
+            raise ValueError(f"EMC² kernel must be one of {KERNELS}, got {kernel!r}")
         self.sampler = McmcNegativeSampler(dataset_size, seed)
-        self.proposals = proposals
+        self.proposals = proposals or 1
+        self.kernel = kernel
 
     def get_config_dict(self) -> dict[str, float | str]:
-        return {**super().get_config_dict(), "seed": self.sampler.seed, "proposals": self.proposals or "2(B-1)"}
+        config = {**super().get_config_dict(), "seed": self.sampler.seed, "kernel": self.kernel}
+        return {**config, "proposals": self.proposals} if self.kernel == "paper" else config
 
     def extra_inputs(self, anchors: Tensor, chain_negatives: Tensor | None = None) -> dict[str, Tensor | None]:
         """``chain_negatives`` ``(B, D)``: each anchor's chain negative, freshly encoded (optional, see above)."""
@@ -137,11 +144,12 @@ class EMC2Loss(ContrastiveLoss):
     def _estimate(self, logits, positive_index, anchor_ids, candidate_ids, chain_logits):
         if anchor_ids is None or candidate_ids is None:
             raise ValueError("EMC2Loss keeps one chain per data-set sample: pass anchor_ids and candidate_ids")
-        proposable = negative_columns(logits, positive_index, anchor_ids, candidate_ids)
+        # the paper's kernel proposes a sample uniformly: one column per sample; the scan offers every column
+        one_per_id = self.kernel == "paper"
+        proposable = negative_columns(logits, positive_index, anchor_ids, candidate_ids, one_per_id)
         fresh = None if chain_logits is None else chain_logits.detach()
-        # the sweep's count comes from the gathered ids, so every process draws as many numbers (one generator state)
-        proposals = self.proposals or max(1, 2 * (torch.unique(candidate_ids).numel() - 1))
-        step = self.sampler.step(logits.detach(), proposable, anchor_ids, candidate_ids, fresh, proposals)
+        step = self.sampler.step(logits.detach(), proposable, anchor_ids, candidate_ids, fresh, self.proposals,
+                                 self.kernel)  # fmt: skip
         negative, used = self._chain_negative_logits(logits, step, anchor_ids, chain_logits)
         per_anchor = torch.where(used, negative - positive_logits(logits, positive_index), 0.0)
         # mean over the used anchors of *all* processes; DDP's average over processes undoes the factor W
@@ -164,13 +172,17 @@ class EMC2Loss(ContrastiveLoss):
         return negative + outside * chain_logits, self.sampler.negative_ids[anchor_ids] >= 0
 
 
-def negative_columns(logits: Tensor, positive_index: Tensor, anchor_ids: Tensor, candidate_ids: Tensor) -> Tensor:
-    """``(B, N)`` bool: the columns that stand for a negative sample of each anchor, one column per sample id.
+def negative_columns(
+    logits: Tensor, positive_index: Tensor, anchor_ids: Tensor, candidate_ids: Tensor, one_per_id: bool = True
+) -> Tensor:
+    """``(B, N)`` bool: the columns that stand for a negative sample of each anchor.
 
-    A column is left out if it is the anchor's positive or carries the anchor's own id, if an earlier column
-    carries the same id (hard negatives repeat their sample's id), or if its logit is ``-inf`` (excluded).
+    A column is left out if it is the anchor's positive or carries the anchor's own id, if its logit is ``-inf``
+    (excluded), and with ``one_per_id`` if an earlier column carries the same id (``all_views`` has two per sample).
     """
-    mask = _first_of_each_id(candidate_ids)[None, :] & (candidate_ids[None, :] != anchor_ids[:, None])
+    mask = candidate_ids[None, :] != anchor_ids[:, None]
+    if one_per_id:
+        mask = mask & _first_of_each_id(candidate_ids)[None, :]
     mask &= torch.isfinite(logits) & ~F.one_hot(positive_index, logits.size(1)).bool()
     return mask
 
