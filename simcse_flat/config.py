@@ -60,9 +60,15 @@ class LossArguments:
     dcl_weight_sigma: float | None = field(default=None, metadata={"help": "DCL: σ of the DCLW weighting (off if unset)."})
     emc2_proposals: int | None = field(
         default=None,
-        metadata={"help": "EMC²: MH proposals per anchor and step. Unset: the official code's sweep, 2(B-1) for B "
-                  "samples a step, gradient averaged over its second half (mixes fast, leans toward the batch's "
-                  "softmax). 1: the paper's step, exactly invariant, but a chain moves at most once an epoch."},
+        metadata={"help": "EMC², kernel paper: uniform MH proposals per anchor and step (unset: 1, the paper's step; "
+                  "K > 1 averages the gradient over the last K - K//2 states)."},
+    )
+    emc2_kernel: str = field(
+        default="official_scan",
+        metadata={"help": "EMC²: official_scan (the official code: every in-batch column in turn, gradient averaged "
+                  "over the second half; closer to the global softmax for the first hundreds of epochs) | paper "
+                  "(one uniform proposal a step: the global softmax exactly invariant, slow to mix). "
+                  "docs/benchmarks.md, EMC²'s kernels."},
     )
     negatives: str | None = field(
         default=None,
@@ -279,6 +285,9 @@ def _validate_loss_choices(loss: LossArguments) -> None:
     """The loss's named choices (issue 12: candidate set, EMC²'s kernel)."""
     if loss.negatives is not None:
         _check_choice("negatives", loss.negatives, ("cross_view", "all_views"))
+    _check_choice("emc2_kernel", loss.emc2_kernel, ("paper", "official_scan"))
+    if loss.emc2_proposals is not None and loss.emc2_kernel != "paper":
+        raise ConfigError("emc2_proposals sets the paper kernel's proposals; add emc2_kernel: paper")
 
 
 def _validate_vision(vision: VisionArguments) -> None:

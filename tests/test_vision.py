@@ -245,9 +245,9 @@ def tiny_run(fake_fmnist, tmp_path_factory):
     [
         ("infonce", ()),
         ("emc2", ()),
-        ("emc2", ("--norm_layer", "group", "--optim", "adamw", "--lr_scaling", "none", "--emc2_proposals", "14")),
+        ("emc2", ("--norm_layer", "group", "--optim", "adamw", "--lr_scaling", "none", "--emc2_kernel", "official_scan")),
     ],
-    ids=["infonce", "emc2", "emc2-sweep-groupnorm-adam"],
+    ids=["infonce", "emc2", "emc2-scan-groupnorm-adam"],
 )
 def test_tiny_run_trains_with_each_loss(loss, extra, fake_fmnist, tmp_path):
     result = _tiny_run(fake_fmnist, tmp_path / "run", loss, *extra)

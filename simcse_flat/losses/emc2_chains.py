@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .distributed import gather_no_grad, rank_offset, world_size
+from ..distributed import gather_no_grad, rank_offset, world_size
 
 
 class McmcStep(NamedTuple):
@@ -55,7 +55,9 @@ class McmcNegativeSampler(nn.Module):
     """Per-sample Metropolis-Hastings chains over negatives; buffers ``negative_ids`` and ``log_scores``.
 
     Args:
-        dataset_size: number of samples ``m``; one chain each. Sample ids index the buffers directly.
+        dataset_size: number of samples ``m``; one chain each. Sample ids index the buffers directly. A chain's
+            state is a candidate of the data set: ``j < m`` stands for sample ``j``'s positive view, ``m + j`` for
+            its hard negative (supervised data).
         seed: seed of the sampler's own generator.
     """
 
@@ -167,7 +169,7 @@ class McmcNegativeSampler(nn.Module):
     def _check_ids(self, anchor_ids: Tensor, candidate_ids: Tensor) -> None:
         # an id past the end would be a device-side assert on GPU; say what is wrong instead
         low = int(torch.minimum(anchor_ids.min(), candidate_ids.min()))
-        high = int(torch.maximum(anchor_ids.max(), candidate_ids.max()))
+        high = int(torch.maximum(anchor_ids.max(), candidate_ids.max() - self.dataset_size))
         if low < 0 or high >= self.dataset_size:
             raise ValueError(f"sample ids must lie in [0, {self.dataset_size}), the data-set size; got {low}..{high}")
 
