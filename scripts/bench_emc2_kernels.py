@@ -79,8 +79,7 @@ def run(name: str, anchors, positives, batch: int, tau: float, epochs: int, seed
     tv = 0.5 * (empirical - target).abs().sum(dim=1)[visits >= 1]
     draws = torch.Generator().manual_seed(seed + 2)
     seen = [i for i in range(m) if visits[i] >= 1]
-    floor = [0.5 * (torch.bincount(torch.multinomial(target[i], int(visits[i]), replacement=True, generator=draws),
-                                   minlength=m).double() / int(visits[i]) - target[i]).abs().sum() for i in seen]  # fmt: skip
+    floor = [_tv_of_exact_draws(target[i], int(visits[i]), draws) for i in seen]
     mean_gradient = torch.cat([g.flatten() for g in torch.autograd.grad(loss_sum / steps_recorded, (a, p))]).double()
     return {
         "kernel": name,
@@ -90,6 +89,12 @@ def run(name: str, anchors, positives, batch: int, tau: float, epochs: int, seed
         "grad_err": ((mean_gradient - exact).norm() / exact.norm()).item(),
         "ms_per_step": 1000 * seconds / (epochs * (m // batch)),
     }
+
+
+def _tv_of_exact_draws(target: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """TV between ``count`` exact draws from ``target`` and ``target``: the sampling noise of that many visits."""
+    draws = torch.multinomial(target, count, replacement=True, generator=generator)
+    return 0.5 * (torch.bincount(draws, minlength=target.numel()).double() / count - target).abs().sum()
 
 
 def sampler_step_recorder(loss_fn: EMC2Loss, counts: torch.Tensor, visits: torch.Tensor, refresh: bool):

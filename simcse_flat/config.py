@@ -66,8 +66,8 @@ class LossArguments:
     emc2_kernel: str = field(
         default="official_scan",
         metadata={"help": "EMC²: official_scan (the official code: every in-batch column in turn, gradient averaged "
-                  "over the second half; closer to the global softmax for the first hundreds of epochs) | paper "
-                  "(one uniform proposal a step: the global softmax exactly invariant, slow to mix). "
+                  "over the second half; the closest to the global softmax at 300 and 3,000 epochs measured) | "
+                  "paper (one uniform proposal a step: the global softmax exactly invariant, slow to mix). "
                   "docs/benchmarks.md, EMC²'s kernels."},
     )
     negatives: str | None = field(
