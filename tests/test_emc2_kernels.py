@@ -98,3 +98,15 @@ def test_supervised_views_give_the_chains_hard_negatives():
                 contrastive_loss_on_views(loss_fn, embeddings, ids, encode_samples=lambda s: states[s])
                 held[loss_fn.sampler.negative_ids[ids]] += 1
         assert held[m:].sum() > 0.3 * held.sum()  # hard negatives are held about as the softmax weighs them
+
+
+def test_config_names_the_kernel_and_refuses_proposals_without_the_paper_kernel():
+    from simcse_flat.config import ConfigError, parse_config
+    from simcse_flat.trainer import _loss_kwargs
+
+    config = parse_config(["--loss", "emc2", "--emc2_kernel", "paper", "--emc2_proposals", "3"])
+    loss_fn = EMC2Loss(dataset_size=8, **_loss_kwargs(config))
+    assert (loss_fn.kernel, loss_fn.proposals) == ("paper", 3)
+    assert EMC2Loss(dataset_size=8, **_loss_kwargs(parse_config(["--loss", "emc2"]))).kernel == "official_scan"
+    with pytest.raises(ConfigError, match="emc2_kernel: paper"):
+        parse_config(["--loss", "emc2", "--emc2_proposals", "3"])
