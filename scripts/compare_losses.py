@@ -31,6 +31,7 @@ from pathlib import Path
 from simcse_flat.cli import quiet_transformers, run_cli
 from simcse_flat.config import RunConfig, parse_config
 from simcse_flat.evaluation import TASK_NAMES, StsTask, evaluate_sts, load_sts_tasks
+from simcse_flat.evaluation.sts import SENTEVAL_SUBSETS
 from simcse_flat.run_folder import read_log
 from simcse_flat.trainer import train_from_config
 
@@ -50,11 +51,11 @@ def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | Non
     log = read_log(result.output_dir)  # the whole run, across resumes
     evals = [row for row in log if any(k.startswith("eval/") for k in row)]
     train_rows = [row for row in log if "loss" in row]
-    primary = next((k for k in evals[0] if k.startswith("eval/") and k.endswith("_spearman")), None) if evals else None
+    primary = f"eval/{primary_metric(config)}"
     row = {
         "run": name,
         "before": evals[0][primary] if evals and evals[0]["step"] == 0 else None,
-        "final": evals[-1][primary] if evals and primary else None,  # the last eval: no selection on dev
+        "final": evals[-1][primary] if evals else None,  # the last eval: no selection on dev
         "best": result.state.best_metric,
         "best_step": result.state.best_step,
         "infonce": train_rows[-1]["infonce"] if train_rows else None,
@@ -67,6 +68,17 @@ def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | Non
     elif test_tasks:
         row["test"] = sts_test(result.final_model, test_tasks)["avg_spearman"]
     return row
+
+
+def primary_metric(config: RunConfig) -> str:
+    """The headline the run's evaluator reports as ``primary_metric`` (``log.jsonl`` keeps numbers only, not that
+    name): kNN accuracy for vision, the one STS task's headline or ``avg_spearman`` for several (``evaluate_sts``)."""
+    if config.model.modality == "vision":
+        return "knn_accuracy"
+    tasks = config.training.eval_tasks
+    if len(tasks) > 1:
+        return "avg_spearman"
+    return f"{tasks[0]}_all_spearman" if tasks[0] in SENTEVAL_SUBSETS else f"{tasks[0]}_spearman"
 
 
 def training_seconds(train_rows: list[dict]) -> float:

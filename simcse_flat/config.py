@@ -77,9 +77,21 @@ class LossArguments:
     dcl_weight_sigma: float | None = field(default=None, metadata={"help": "DCL: σ of the DCLW weighting (off if unset)."})
     emc2_proposals: int | None = field(
         default=None,
-        metadata={"help": "EMC²: MH proposals per anchor and step. Unset: the official code's sweep, 2(B-1) for B "
-                  "samples a step, gradient averaged over its second half (mixes fast, leans toward the batch's "
-                  "softmax). 1: the paper's step, exactly invariant, but a chain moves at most once an epoch."},
+        metadata={"help": "EMC², kernel paper: uniform MH proposals per anchor and step (unset: 1, the paper's step; "
+                  "K > 1 averages the gradient over the last K - K//2 states)."},
+    )
+    emc2_kernel: str = field(
+        default="official_scan",
+        metadata={"help": "EMC²: official_scan (the official code: every in-batch column in turn, gradient averaged "
+                  "over the second half; the closest to the global softmax at 300 and 3,000 epochs measured) | "
+                  "paper (one uniform proposal a step: the global softmax exactly invariant, slow to mix). "
+                  "docs/benchmarks.md, EMC²'s kernels."},
+    )
+    negatives: str | None = field(
+        default=None,
+        metadata={"help": "cross_view (SimCSE, CLIP: each anchor against the other view of every sample, B-1 "
+                  "negatives) | all_views (SimCLR's NT-Xent: every view against both views of every other sample, "
+                  "2B-2 negatives). Unset: all_views for vision, cross_view for text."},
     )
     emc2_refresh_negatives: bool = field(
         default=True,
@@ -291,6 +303,7 @@ def validate(config: RunConfig) -> None:
     _check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
     if config.model.modality == "vision":
         _validate_vision(config.vision)
+    _validate_loss_choices(config.loss)
 
 
 def _validate_numbers(config: RunConfig) -> None:
@@ -347,6 +360,15 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def _validate_loss_choices(loss: LossArguments) -> None:
+    """The loss's named choices (issue 12: candidate set, EMC²'s kernel)."""
+    if loss.negatives is not None:
+        _check_choice("negatives", loss.negatives, ("cross_view", "all_views"))
+    _check_choice("emc2_kernel", loss.emc2_kernel, ("paper", "official_scan"))
+    if loss.emc2_proposals is not None and loss.emc2_kernel != "paper":
+        raise ConfigError("emc2_proposals sets the paper kernel's proposals; add emc2_kernel: paper")
 
 
 def _validate_vision(vision: VisionArguments) -> None:

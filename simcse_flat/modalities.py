@@ -25,8 +25,10 @@ class TrainingParts:
     save_model: Callable[..., object]
     description: str  # one line for the start-of-run summary
     symmetric: bool = False  # also score view 1 against view 0 (SimCLR); SimCSE scores one direction
-    # the positive view alone, for EMC²'s chain negatives; unset: collate_fn, keeping view 1
-    collate_positives: Callable[[list[dict]], dict] | None = None
+    negatives: str = "cross_view"  # views.contrastive_loss_on_views: cross_view (SimCSE) | all_views (NT-Xent)
+    # one view a state for EMC²'s chain negatives: (examples, which are hard negatives) -> batch of one view;
+    # unset: collate_fn, keeping view 1 (or 2)
+    collate_positives: Callable[[list[dict], list[bool]], dict] | None = None
     # examples in each source, in data-set order (ids 0..n0-1 are source 0's, ...); unset: one source
     source_sizes: list[int] | None = None
 
@@ -59,6 +61,7 @@ def text_parts(config: RunConfig) -> TrainingParts:
         save_model=save_sentence_transformers_folder,
         description="; ".join(_describe(source) for source in sources),
         source_sizes=dataset.sizes,
+        negatives=config.loss.negatives or "cross_view",
     )
 
 

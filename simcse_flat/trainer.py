@@ -180,7 +180,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                 sample_ids = batch.pop("sample_ids")
                 embeddings = encode(batch)
                 loss, metrics = contrastive_loss_on_views(
-                    loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples
+                    loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples, parts.negatives
                 )
                 _stop_if_not_finite(accelerator, "loss", loss.detach(), state, output_dir)
                 accelerator.backward(loss)
@@ -317,6 +317,7 @@ def _loss_kwargs(config: RunConfig) -> dict:
     if loss.loss == "emc2":
         kwargs["seed"] = config.training.seed  # the chains' own generator, saved and restored with them
         kwargs["proposals"] = loss.emc2_proposals
+        kwargs["kernel"] = loss.emc2_kernel
     return kwargs
 
 
@@ -325,17 +326,20 @@ def _refreshes_chains(config: RunConfig) -> bool:
 
 
 def _sample_encoder(encode, parts, device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """EMC²'s extra forward pass: embed data-set samples (their positive view) by id with the current model, with
-    gradient, so the chain negatives' term of the gradient is exact (as the official code does)."""
+    """EMC²'s extra forward pass: embed chain states with the current model, with gradient, so the chain negatives'
+    term of the gradient is exact (as the official code does). State ``j < m`` is sample ``j``'s positive view,
+    ``m + j`` its hard negative (supervised data)."""
 
-    def encode_samples(sample_ids: torch.Tensor) -> torch.Tensor:
-        examples = [parts.dataset[i] for i in sample_ids.tolist()]
-        if parts.collate_positives is not None:
-            batch = parts.collate_positives(examples)
+    def encode_samples(states: torch.Tensor) -> torch.Tensor:
+        size = len(parts.dataset)
+        examples = [parts.dataset[i] for i in (states % size).tolist()]
+        if parts.collate_positives is not None:  # the one view each state stands for, whatever source it is from
+            batch = parts.collate_positives(examples, (states >= size).tolist())
             return encode({k: v.to(device) for k, v in batch.items()})
-        batch = parts.collate_fn(examples)
+        batch = parts.collate_fn(examples)  # every view: keep view 1 (positive) or view 2 (hard negative)
         batch.pop("sample_ids")
-        return split_views(encode({k: v.to(device) for k, v in batch.items()}), len(examples))[1]
+        views = split_views(encode({k: v.to(device) for k, v in batch.items()}), len(examples))
+        return views[1 + (states >= size).long().to(device), torch.arange(len(examples), device=device)]
 
     return encode_samples
 

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from .distributed import gather_no_grad, gather_with_grad, rank_offset, world_size
 from .losses.base import ContrastiveLoss
-from .samplers import column_of
 
 
 def split_views(embeddings: Tensor, batch_size: int) -> Tensor:
@@ -25,71 +24,65 @@ def split_views(embeddings: Tensor, batch_size: int) -> Tensor:
     return embeddings.view(-1, batch_size, embeddings.size(-1))
 
 
+NEGATIVES = ("cross_view", "all_views")
+
+
 def contrastive_loss_on_views(
     loss_fn: ContrastiveLoss,
     embeddings: Tensor,
     sample_ids: Tensor,
     symmetric: bool = False,
     encode_samples: Callable[[Tensor], Tensor] | None = None,
+    negatives: str = "cross_view",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Score the anchors of this process against the candidates of all processes.
 
-    * 2 views (SimCSE unsup, SimCLR): candidates are the positives of every process; ``symmetric`` adds the
-      mirrored direction (view 1 as anchors) and averages, as SimCLR / CLIP do. SimCSE uses one direction.
-    * 3 views (SimCSE sup): candidates are all positives then all hard negatives; each anchor's own hard
-      negative is marked so the loss can weight it.
+    ``negatives`` picks the candidates of two-view data:
 
-    ``encode_samples`` (EMC²'s exact estimator): embeds data-set samples (their positive view) by id, with gradient;
-    it gives each anchor's current chain negative to the loss (see :class:`ChainNegatives`).
+    * ``cross_view`` (SimCSE, CLIP): view 0's anchors against every process's view 1; ``symmetric`` adds the
+      mirrored direction (view 1 against view 0) and averages. ``B - 1`` negatives an anchor (world batch ``B``).
+    * ``all_views`` (SimCLR's NT-Xent, FlatCLR, DCL's and EMC²'s code): every view is an anchor, scored against
+      both views of every sample but itself, so ``2B - 2`` negatives; the mean over the ``2B`` anchors.
+      ``symmetric`` is implied.
+
+    3 views (SimCSE sup, ``cross_view`` only): candidates are all positives then all hard negatives; each
+    anchor's own hard negative is marked so the loss can weight it.
+
+    ``encode_samples``: embeds data-set samples by id with gradient, handed to the loss's one hook
+    (:meth:`~simcse_flat.losses.base.ContrastiveLoss.inputs_for_step`; EMC² re-encodes its chain negatives).
     """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     batch = sample_ids.size(0)
     views = split_views(embeddings, batch)  # (V, B, D)
     gathered = [gather_with_grad(v) for v in views]  # each (W*B, D)
     all_ids = gather_no_grad(sample_ids)  # (W*B,)
     own = rank_offset(batch) + torch.arange(batch, device=embeddings.device)  # my rows in a gathered view
-    chains = None if encode_samples is None else ChainNegatives(loss_fn.sampler, encode_samples, gathered[1], all_ids)
+    for_step = {} if encode_samples is None else loss_fn.inputs_for_step(encode_samples)
 
-    def score(anchors: Tensor, candidates: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        if chains is not None:  # right before the loss call: each call moves the chains
-            kwargs["chain_negatives"] = chains.embed(sample_ids)
-        return loss_fn(anchors, candidates, own, anchor_ids=sample_ids, **kwargs)
+    def score(anchors: Tensor, candidates: Tensor, positive: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+        return loss_fn(anchors, candidates, positive, anchor_ids=sample_ids, **kwargs, **for_step)
 
     if views.size(0) == 3:
+        if negatives != "cross_view":
+            raise ValueError("negatives: all_views takes two views a sample; supervised triples use cross_view")
         candidates = torch.cat(gathered[1:])  # (2*W*B, D): positives, then hard negatives
         hard_negative = own + world_size() * batch
-        return score(views[0], candidates, candidate_ids=all_ids.repeat(2), hard_negative_index=hard_negative)
+        hard_ids = -1 - all_ids  # a hard negative is another sentence of its sample: ids -1 - index (losses/base.py)
+        return score(views[0], candidates, own, candidate_ids=torch.cat([all_ids, hard_ids]),
+                     hard_negative_index=hard_negative)  # fmt: skip
     if views.size(0) != 2:
         raise ValueError(f"expected 2 or 3 views, got {views.size(0)}")
-    loss, metrics = score(views[0], gathered[1], candidate_ids=all_ids)
-    if not symmetric:
-        return loss, metrics
-    loss_back, metrics_back = score(views[1], gathered[0], candidate_ids=all_ids)
-    return (loss + loss_back) / 2, {k: (v + metrics_back[k]) / 2 for k, v in metrics.items()}
+    if negatives == "all_views":
+        every_view, view_ids = torch.cat(gathered), all_ids.repeat(2)  # (2*W*B, D): view 0 of all, then view 1
+        other = own + all_ids.numel()  # my rows in the gathered view 1
+        return _mean_of(score(views[0], every_view, other, candidate_ids=view_ids, exclude_index=own),
+                        score(views[1], every_view, own, candidate_ids=view_ids, exclude_index=other))  # fmt: skip
+    forward = score(views[0], gathered[1], own, candidate_ids=all_ids)
+    return _mean_of(forward, score(views[1], gathered[0], own, candidate_ids=all_ids)) if symmetric else forward
 
 
-class ChainNegatives:
-    """EMC²'s chain negatives for one step: each anchor's current negative, embedded with gradient.
-
-    The first loss call encodes them (``encode_samples``: one extra forward pass of ``B`` rows on every process,
-    the same shape each step, which synchronised batch norm needs). A symmetric loss calls again with the chains
-    moved, and needs no second pass: a chain that rejected its proposal still holds the negative just encoded, and
-    one that accepted now holds a sample of the batch, whose positive view is a row of ``positives`` (gathered from
-    every process). Both stand for the sample's positive view, as a chain state does.
-    """
-
-    def __init__(self, sampler, encode_samples: Callable[[Tensor], Tensor], positives: Tensor, positive_ids: Tensor):
-        self.sampler, self.encode_samples = sampler, encode_samples
-        self.positives, self.positive_ids = positives, positive_ids
-        self.ids: Tensor | None = None
-        self.encoded: Tensor | None = None
-
-    def embed(self, anchor_ids: Tensor) -> Tensor:
-        """``(B, D)``: the embedding of each anchor's current chain negative."""
-        wanted = self.sampler.negatives_to_encode(anchor_ids).to(self.positive_ids.device)
-        if self.encoded is None:
-            self.ids, self.encoded = wanted, self.encode_samples(wanted)
-            return self.encoded
-        rows = column_of(wanted, torch.cat([self.ids, self.positive_ids]))
-        if bool((rows < 0).any()):  # only a chain moved outside the batch could do this
-            raise RuntimeError("a chain negative is neither encoded this step nor in the batch")
-        return torch.cat([self.encoded, self.positives])[rows]
+def _mean_of(*results: tuple[Tensor, dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The mean loss and metrics of calls on equally many anchors (the mean over all their anchors)."""
+    losses, metrics = zip(*results)
+    return sum(losses) / len(losses), {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}

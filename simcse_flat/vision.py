@@ -1,8 +1,9 @@
 """The vision modality (SimCLR / FlatCLR): training parts for the shared loop, and trained encoders read back.
 
 ``modality: vision`` makes :func:`simcse_flat.modalities.build_parts` call :func:`vision_parts`: a ResNet with a
-projection head, two SimCLR augmentations of each image, and the symmetric loss (view 0 against view 1 and the
-reverse, as SimCLR). Everything else (losses, gather, sampler, optimizer, checkpoints) is the text path's.
+projection head, two SimCLR augmentations of each image, and SimCLR's candidate set (``negatives: all_views``:
+every view against both views of every other image, 2B-2 negatives, as NT-Xent and FlatCLR). Everything else
+(losses, gather, sampler, optimizer, checkpoints) is the text path's.
 :func:`load_encoder` and :func:`evaluate_encoder` serve ``scripts/linear_eval.py``; :func:`knn_evaluator` serves
 ``eval_steps``. torchvision is imported here and below only.
 """
@@ -76,6 +77,7 @@ def vision_parts(config: RunConfig) -> TrainingParts:
         description=f"{len(images)} {args.vision_dataset} images, 2 views at {encoder_config.image_size} px, "
         f"{args.arch}{stem}",
         symmetric=True,
+        negatives=config.loss.negatives or "all_views",  # SimCLR's NT-Xent: 2B-2 negatives
     )
 
 

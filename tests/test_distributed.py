@@ -45,7 +45,8 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, out: str, chunk: int) -> None:
+def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, out: str, chunk: int,
+            negatives: str) -> None:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         model = nn.parallel.DistributedDataParallel(_encoder())
@@ -56,7 +57,7 @@ def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, 
         # GradCache: each chunk's backward but the last under DDP's no_sync (one reduction a step, same sum)
         cache = GradCache(model, chunk, model.no_sync) if chunk else None
         embeddings = cache.encode({"x": rows}) if cache else model(rows)
-        loss, _ = contrastive_loss_on_views(loss_fn, embeddings, ids[mine])
+        loss, _ = contrastive_loss_on_views(loss_fn, embeddings, ids[mine], negatives=negatives)
         loss.backward()
         if cache:
             cache.backward()
@@ -69,21 +70,23 @@ def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, 
 
 
 @pytest.mark.parametrize(
-    "mode, loss_name, chunk",
-    [("unsup", "infonce", 0), ("unsup", "flatnce", 0), ("sup", "infonce", 0), ("sup", "flatnce", 0), ("sup", "flatnce", 5),
-     ("unsup", "dclw", 0)],  # DCLW: each weight is relative to the mean over every process's positives
-    ids=["unsup-infonce", "unsup-flatnce", "sup-infonce", "sup-flatnce", "sup-flatnce-gradcache", "unsup-dclw"],
+    "mode, loss_name, chunk, negatives",
+    [("unsup", "infonce", 0, "cross_view"), ("unsup", "flatnce", 0, "cross_view"), ("sup", "infonce", 0, "cross_view"),
+     ("sup", "flatnce", 0, "cross_view"), ("sup", "flatnce", 5, "cross_view"), ("unsup", "infonce", 0, "all_views"),
+     ("unsup", "dclw", 0, "cross_view")],  # DCLW: each weight is relative to the mean over every process's positives
+    ids=["unsup-infonce", "unsup-flatnce", "sup-infonce", "sup-flatnce", "sup-flatnce-gradcache", "nt-xent", "unsup-dclw"],
 )
-def test_two_gloo_processes_give_the_single_process_gradient(tmp_path, mode, loss_name, chunk):
+def test_two_gloo_processes_give_the_single_process_gradient(tmp_path, mode, loss_name, chunk, negatives):
     world = 2
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(world, loopback_init_method(), mode, loss_name, out, chunk), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, loopback_init_method(), mode, loss_name, out, chunk, negatives), nprocs=world,
+             join=True)
     two_process = torch.load(out)
 
     model = _encoder()
     inputs, ids = _inputs(world, VIEWS_OF[mode])
     loss_fn = _loss(loss_name)
-    loss, _ = contrastive_loss_on_views(loss_fn, model(inputs.reshape(-1, DIM)), ids)
+    loss, _ = contrastive_loss_on_views(loss_fn, model(inputs.reshape(-1, DIM)), ids, negatives=negatives)
     loss.backward()
     for got, expected in zip(two_process, _grads(model)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

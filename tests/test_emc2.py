@@ -18,7 +18,7 @@ from torch import nn
 
 from simcse_flat.losses import EMC2Loss, FlatNCELoss, InfoNCELoss, build_loss
 from simcse_flat.losses.emc2 import negative_columns
-from simcse_flat.samplers import McmcNegativeSampler
+from simcse_flat.losses.emc2_chains import McmcNegativeSampler
 from simcse_flat.views import contrastive_loss_on_views
 
 from conftest import end_worker, loopback_init_method
@@ -116,7 +116,7 @@ def test_chain_negatives_follow_the_global_softmax():
     # the whole data set (self excluded), not the batch's softmax and not the uniform proposal
     m, batch, epochs, burn_in = 8, 4, 3000, 20
     anchors, positives = _table(m)
-    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=1)
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, kernel="paper")
     scores = loss_fn.logits(anchors, positives)  # (m, m) s(x_i, y_j), fixed
     visits = torch.zeros(m, m)
     batches = _epochs(m, batch)
@@ -159,9 +159,9 @@ def _exact_global_gradient() -> torch.Tensor:
 
 
 def _mean_emc2_gradient(batch: int, steps: int, encode_chain_negatives: bool, burn_in: int = 100,
-                        proposals: int = 1) -> torch.Tensor:  # fmt: skip
+                        proposals: int = 1, kernel: str = "paper") -> torch.Tensor:  # fmt: skip
     base_a, base_p, anchors, positives = _replicated_table()
-    loss_fn = EMC2Loss(dataset_size=64, temperature=TAU, proposals=proposals)
+    loss_fn = EMC2Loss(dataset_size=64, temperature=TAU, kernel=kernel, proposals=proposals)
     batches, total = _epochs(64, batch), 0.0
     for step in range(burn_in + steps):
         loss, _ = _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives)
@@ -191,21 +191,22 @@ def test_gradient_estimate_averages_to_the_global_gradient_on_half_batches_with_
     assert _relative_error(_mean_emc2_gradient(32, 2000, encode_chain_negatives=True), exact) < 0.04
 
 
-def test_a_sweep_of_proposals_mixes_in_a_few_steps_what_one_proposal_needs_epochs_for():
-    # the official code's sweep: 2(B-1) proposals a step, the gradient averaged over the second half of the chain.
+def test_the_official_scan_mixes_in_a_few_steps_what_one_proposal_needs_epochs_for():
+    # the official code's scan: every column of the batch in turn, the gradient averaged over its second half.
     # From cold chains on half batches, 100 steps (50 epochs of this table) pin down the global gradient with the
-    # sweep; with one proposal a step the chains are still close to their uniform start.
+    # scan (or 2(B-1) uniform proposals); with one proposal a step the chains are still near their uniform start.
     exact = _exact_global_gradient()
+    scan = _mean_emc2_gradient(32, 100, encode_chain_negatives=True, burn_in=2, kernel="official_scan")
     sweep = _mean_emc2_gradient(32, 100, encode_chain_negatives=True, burn_in=2, proposals=62)
     single = _mean_emc2_gradient(32, 100, encode_chain_negatives=True, burn_in=2, proposals=1)
-    assert _relative_error(sweep, exact) < 0.06
+    assert _relative_error(scan, exact) < 0.06 and _relative_error(sweep, exact) < 0.06
     assert _relative_error(single, exact) > 0.12
 
 
 def test_sweep_weights_are_a_distribution_over_the_states_held_after_burn_in():
     m, batch, proposals = 16, 8, 6
     anchors, positives = _table(m)
-    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=proposals)
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, kernel="paper", proposals=proposals)
     batches = _epochs(m, batch)
     for _ in range(4):
         _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives=True)
@@ -235,7 +236,7 @@ def test_sweep_weights_are_a_distribution_over_the_states_held_after_burn_in():
 def test_step_loss_is_chain_negative_minus_positive_over_the_anchors_used(encode_chain_negatives):
     m, batch = 8, 3
     anchors, positives = (t.requires_grad_(True) for t in _table(m))
-    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=1)
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, kernel="paper")
     batches = _epochs(m, batch)
     for _ in range(10):  # warm chains, many of them holding a negative from another batch
         _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives)
@@ -259,7 +260,7 @@ def test_symmetric_step_encodes_chain_negatives_once_and_matches_encoding_them_f
     # give what encoding each direction's chain negatives afresh gives (a deterministic table stands in for the model)
     m, batch = 12, 4
     anchors, positives = (t.requires_grad_(True) for t in _table(m))
-    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, proposals=1)
+    loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, kernel="paper")
     batches = _epochs(m, batch)
     for _ in range(9):  # warm chains, most holding a negative from another batch
         _step(loss_fn, anchors, positives, next(batches), encode_chain_negatives=True)

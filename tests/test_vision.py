@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("torchvision")
 
+from simcse_flat.run_folder import read_log  # noqa: E402
 from simcse_flat.config import ConfigError, TrainingArguments, parse_config  # noqa: E402
 from simcse_flat.data.vision import (  # noqa: E402
     DATASETS,
@@ -244,9 +245,9 @@ def tiny_run(fake_fmnist, tmp_path_factory):
     [
         ("infonce", ()),
         ("emc2", ()),
-        ("emc2", ("--norm_layer", "group", "--optim", "adamw", "--lr_scaling", "none", "--emc2_proposals", "14")),
+        ("emc2", ("--norm_layer", "group", "--optim", "adamw", "--lr_scaling", "none", "--emc2_kernel", "official_scan")),
     ],
-    ids=["infonce", "emc2", "emc2-sweep-groupnorm-adam"],
+    ids=["infonce", "emc2", "emc2-scan-groupnorm-adam"],
 )
 def test_tiny_run_trains_with_each_loss(loss, extra, fake_fmnist, tmp_path):
     result = _tiny_run(fake_fmnist, tmp_path / "run", loss, *extra)
@@ -288,7 +289,7 @@ def test_compare_losses_probes_each_run_and_the_untrained_encoder(fake_fmnist, t
     config.write_text(
         f"modality: vision\nvision_dataset: fashion_mnist\ndata_root: {fake_fmnist}\nimage_size: 16\n"
         "projection_dim: 16\noptim: lars\nmax_grad_norm: 0\nper_device_train_batch_size: 8\nmax_steps: 2\n"
-        "save_steps: 0\nreport_to: none\nseed: 3\n"
+        "save_steps: 0\nreport_to: none\nseed: 3\neval_steps: 2\n"
     )
     rows = script.main(["--config", str(config), "--losses", "infonce", "flatnce", "--output_dir", str(tmp_path / "c")])
     assert [r["run"] for r in rows] == ["untrained", "infonce", "flatnce"]
@@ -300,3 +301,6 @@ def test_compare_losses_probes_each_run_and_the_untrained_encoder(fake_fmnist, t
         scores = linear_eval.main([*model, *common])
         assert (row["linear"], row["knn"]) == (scores["linear_accuracy"], scores["knn_accuracy"])
     assert rows[1]["steps"] == 2 and rows[1]["infonce"] > 0
+    # eval_steps logs kNN accuracy (no "_spearman" key): the run's headline is that, before and after training
+    (before, after) = [r["eval/knn_accuracy"] for r in read_log(tmp_path / "c" / "flatnce") if "eval/knn_accuracy" in r]
+    assert (rows[2]["before"], rows[2]["final"]) == (before, after)

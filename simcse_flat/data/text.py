@@ -288,10 +288,12 @@ class ContrastiveCollator:
         batch["sample_ids"] = ids
         return batch
 
-    def positives(self, examples: list[dict]) -> dict[str, Tensor]:
-        """The positive view alone (``text``, or ``sent1``), tokenized: what EMC² re-encodes for its chains. Per
-        example: a chain's negatives may come from any source of a run with several."""
-        return self._tokenize([e["text"] if "text" in e else e["sent1"] for e in examples])
+    def positives(self, examples: list[dict], hard_negative: list[bool] | None = None) -> dict[str, Tensor]:
+        """One view of each example, tokenized: the positive (``text``, or ``sent1``), or where ``hard_negative``
+        says so the ``hard_neg``. What EMC² re-encodes for its chain states; per example, since a run with several
+        sources mixes sentences and triples among them."""
+        hard = hard_negative or [False] * len(examples)
+        return self._tokenize([e["hard_neg"] if h else e.get("text", e.get("sent1")) for e, h in zip(examples, hard)])
 
     def _tokenize(self, sentences: list[str]) -> dict[str, Tensor]:
         return dict(

@@ -198,8 +198,9 @@ def collate_views(items: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_positive_view(items: list[dict]) -> dict[str, torch.Tensor]:
-    """``{"pixel_values": (B, C, H, W)}``: the second view alone, what EMC² re-encodes for its chain negatives."""
+def collate_positive_view(items: list[dict], hard_negative: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    """``{"pixel_values": (B, C, H, W)}``: the second view alone, what EMC² re-encodes for its chain negatives
+    (images have no hard negatives: ``hard_negative`` is all False)."""
     return {"pixel_values": torch.stack([item["pixel_values"][1] for item in items])}
 
 

@@ -13,7 +13,8 @@ argument               shape        meaning
 ``candidates``         (N, D)       every candidate: positives, in-batch negatives, hard negatives
 ``positive_index``     (B,)         column of each anchor's positive among the candidates
 ``anchor_ids``         (B,)         data-set index of each anchor (stateful losses: EMC², SogCLR)
-``candidate_ids``      (N,)         data-set index of each candidate (EMC²'s proposals)
+``candidate_ids``      (N,)         data-set index of each candidate (EMC²'s proposals); ``-1 - index`` for
+                                    the hard negative of sample ``index``, a sentence of its own
 ``hard_negative_index``(B,)         column of each anchor's own hard negative (SimCSE's weighted hard negative)
 ``exclude_index``      (B,)         column that is the anchor itself and must not count (SimCLR's 2N-view loss)
 =====================  ===========  ==========================================================================
@@ -27,6 +28,8 @@ curves from different losses can be read on one axis.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,21 +91,23 @@ class ContrastiveLoss(nn.Module):
         exclude_index: Tensor | None = None,
         **extra: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``extra``: inputs particular to one loss (EMC²'s ``chain_negatives``), see :meth:`extra_inputs`."""
+        """``extra``: inputs particular to one loss (EMC²'s ``chain_negatives``, from :meth:`inputs_for_step`)."""
         if candidates.size(0) < 2:
             raise ValueError("a contrastive loss needs at least 2 candidates (batch size >= 2)")
         logits = self.logits(anchors, candidates, hard_negative_index, exclude_index)
         loss, metrics = self.compute_loss_from_logits(
-            logits, positive_index, anchor_ids=anchor_ids, candidate_ids=candidate_ids,
-            **self.extra_inputs(anchors, **extra),
-        )  # fmt: skip
+            logits, positive_index, anchor_ids=anchor_ids, candidate_ids=candidate_ids, **extra
+        )
         metrics.update(logit_metrics(logits.detach(), positive_index))
         return loss, metrics
 
-    def extra_inputs(self, anchors: Tensor, **extra: Tensor) -> dict[str, Tensor]:
-        """Turn a loss's own inputs into keyword arguments of :meth:`compute_loss_from_logits`; none by default."""
-        if extra:
-            raise TypeError(f"the {self.name} loss takes no {', '.join(sorted(extra))}")
+    def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
+        """The one hook between a loss and the loop, called once a step before the step's loss calls.
+
+        ``encode_samples`` embeds data-set samples by id with the current model, with gradient (one more forward
+        pass). A loss that needs samples outside the batch (EMC²'s chain negatives) returns the keyword inputs of
+        this step's calls; the others need nothing, and the loop then runs no extra pass.
+        """
         return {}
 
     def compute_loss_from_logits(

@@ -42,9 +42,10 @@ class DCLLoss(ContrastiveLoss):
 
     Relations: with :math:`w_i = 1`, :math:`\ell_i` *is* :class:`FlatNCELoss`'s
     :math:`\operatorname{logsumexp}_{j \ne t_i} s_{ij} - s_{i,t_i}`, value and gradient, for any candidates;
-    the two papers reach it from two sides (DCL: remove the coupling factor; FlatNCE: keep the gradient above
-    floating-point rounding). The only difference is DCLW's weighting, and in the authors' SimCLR setting both
-    views of every other image are negatives, which here is the caller's choice of candidates.
+    the two papers reach it from two sides (DCL: remove the coupling factor; FlatNCE: divide out InfoNCE's
+    per-row factor :math:`1 - p_t`, which is the same thing). The only difference is DCLW's weighting, and in
+    the authors' SimCLR setting both views of every other image are negatives: ``negatives: all_views``, the
+    vision default (:mod:`simcse_flat.views`).
     """
 
     name = "dcl"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import gather_no_grad, world_size
-from ..samplers import McmcNegativeSampler
 from .base import ContrastiveLoss, negative_logsumexp, positive_logits
+from .emc2_chains import McmcNegativeSampler
+
+KERNELS = ("paper", "official_scan")
 
 
 class EMC2Loss(ContrastiveLoss):
@@ -25,18 +30,22 @@ class EMC2Loss(ContrastiveLoss):
         \qquad p_i(z) = \frac{e^{s(x_i, z)}}{\sum_{z' \in D_i} e^{s(x_i, z')}}
 
     with :math:`m` the data-set size, :math:`(x_i, y_i)` the anchor and positive views of sample :math:`i`,
-    :math:`D_i = \{y_j : j \ne i\}` its negatives, and :math:`s = \beta \cos = \cos / \tau` (the paper's
+    :math:`D_i = \{y_j : j \ne i\}` its negatives (with supervised triples also every hard negative
+    :math:`h_j`, its own included: a sentence of its own, chain state :math:`m + j`), and
+    :math:`s = \beta \cos = \cos / \tau` (the paper's
     :math:`\beta = 1/\tau`). The expectation over :math:`p_i` is what a batch cannot compute; EMC² keeps for each
     sample a Metropolis-Hastings chain :math:`Z_i` whose stationary law is :math:`p_i`
-    (:class:`~simcse_flat.samplers.McmcNegativeSampler`: propose uniformly from the batch, accept with probability
+    (:class:`~simcse_flat.losses.emc2_chains.McmcNegativeSampler`: propose uniformly from the batch, accept with
+    probability
     :math:`\min(1, e^{s(x_i, Z') - s(x_i, Z_i)})`, warm-started across steps and epochs) and descends
 
     .. math::
 
         \ell = \frac{1}{|A|} \sum_{i \in A} \big[ s(x_i, Z_i) - s(x_i, y_i) \big],
 
-    whose gradient :math:`\beta(\nabla\cos(x_i, Z_i) - \nabla\cos(x_i, y_i))` is, once the chains have mixed, an
-    unbiased estimate of :math:`\nabla L` on the anchors :math:`A` used. The *value* of :math:`\ell` is a
+    whose gradient :math:`\beta(\nabla\cos(x_i, Z_i) - \nabla\cos(x_i, y_i))` estimates :math:`\nabla L` on the
+    anchors :math:`A` used: without bias once the chains have mixed *if* the kernel leaves :math:`p_i` invariant,
+    which the ``paper`` kernel does and the ``official_scan`` kernel does not (below). The *value* of :math:`\ell` is a
     surrogate (the chain negative's logit minus the positive's), not :math:`L`; read ``metrics["infonce"]``, or
     :meth:`global_loss` on a table of embeddings.
 
@@ -46,27 +55,40 @@ class EMC2Loss(ContrastiveLoss):
     a loss cannot run the encoder, so there are two modes:
 
     * ``chain_negatives`` given (``(B, D)``: the samples ``sampler.negatives_to_encode(anchor_ids)`` encoded by the
-      trainer): the estimate above over all anchors, the paper's, unbiased for any batch size;
+      trainer): the estimate above over all anchors, the paper's;
     * not given: anchors whose chain stays out of the batch are left out of :math:`A` for this step, positive term
       included, so every anchor used still gets both its pull and its push. Exact when the batch is the whole data
       set; otherwise biased toward easy negatives: a step accepts negative :math:`z` with probability at most
       :math:`\min(p_i(z), 1/(m-1))` (the uniform proposal caps it), while the hard negatives a chain holds on to
-      are the ones left out. ``metrics["emc2_used"]`` is the fraction of anchors in :math:`A`.
+      are the ones left out (measured: gradient error 0.22 after 3,000 epochs against 0.08 re-encoded,
+      ``docs/benchmarks.md``). ``metrics["emc2_used"]`` is the fraction of anchors in :math:`A`.
 
-    ``proposals = 1`` makes one proposal per anchor and step ("accept a random negative sample :math:`Z'_i`", as
-    the paper puts it): the proposals are uniform over the data set, so :math:`p_i` is exactly invariant, but a
-    chain moves at most once per epoch and needs many epochs to leave its uniform start. The official code instead
-    sweeps every in-batch candidate each step (``2(B-1)`` proposals for ``B`` samples in the batch of all
-    processes; ``proposals = None``, the default, takes that count) and averages the gradient over the chain's
-    states after a burn-in of half the sweep; the negative term above then becomes
-    :math:`\sum_t w_{it}\, s(x_i, z_t)` over the states held, weighted by how long. It mixes ``K`` times faster,
-    but repeated proposals from one batch pull the chain toward the batch's own softmax (a bias the warm start
-    tempers: a hard negative held from an earlier batch is rarely given up). A state in the batch is scored from
-    the batch's logits; the chain's start, when out of the batch, from ``chain_negatives``. The chain's stored
-    score is recomputed whenever its negative is visible and used as stored otherwise. Candidates that repeat a
-    sample id (SimCSE's hard negatives) are not proposed: a chain state is a data-set index and stands for that
-    sample's positive view. Multi-process: see the sampler; the mean over :math:`A` counts the anchors of every
-    process, so ``W`` processes give the one-process gradient.
+    **Two kernels, by name** (``kernel``; ``docs/benchmarks.md`` measures both, ``scripts/bench_emc2_kernels.py``):
+
+    * ``paper``: one proposal per anchor and step ("accept a random negative sample :math:`Z'_i`", as the paper
+      puts it), uniform among the batch's other samples. The batch is a uniform draw independent of the chain, so
+      the proposal is uniform over the data set and :math:`p_i` is exactly invariant; but a chain moves at most
+      once an epoch, so it needs epochs to leave its uniform start. ``proposals = K`` makes ``K`` such draws with
+      replacement and averages over the last ``K - K//2`` states (this project's earlier default, ``2(B-1)``):
+      those repeats resample one batch, so the chain settles on a law between :math:`p_i` and the batch's softmax
+      (measured: total variation 0.207 at 300 epochs, 0.130 at 3,000, where the sampling floor is 0.052).
+    * ``official_scan``: the official code's ``mh_step``: every proposable column of the batch in turn, in column
+      order (with ``all_views`` both views of every other sample, ``2B - 2`` proposals), the gradient averaged
+      over the states held in the second half of the scan (its ``--mcmc_burn_in 0.5``); the default. A scan of one
+      batch is not a uniform proposal, so it does not leave :math:`p_i` exactly invariant, but measured on an exact
+      small problem (40 samples, batch 4, ``docs/benchmarks.md``) it is the closest kernel: total variation to
+      :math:`p_i` 0.059 at 3,000 epochs (sampling floor 0.052; paper 0.107, 2(B-1) uniform proposals 0.130),
+      gradient error 0.041 (paper 0.084).
+
+    The negative term above then becomes :math:`\sum_t w_{it}\, s(x_i, z_t)` over the states held, weighted by how
+    long. A state in the batch is scored from the batch's logits; the chain's start, when out of the batch, from
+    ``chain_negatives``; the stored score is used only when neither sees it. Supervised: a hard negative
+    :math:`h_j` is a state of its own (``candidate_ids`` gives it as ``-1 - j``). An anchor's own :math:`h_i` is in
+    every batch of that anchor, so the uniform pick among the batch's columns proposes it :math:`(m-1)/(B-1)` times
+    as often as any other state; its MH score is lowered by the log of that ratio (Hastings' correction), which
+    keeps :math:`p_i` invariant under the ``paper`` kernel (``tests/test_emc2_kernels.py``). Multi-process: see the
+    sampler; the mean over :math:`A` counts the anchors of every process, so ``W`` processes give the one-process
+    gradient.
 
     Paper: Yau, Wai, Raman, Sarkar, Hong, "EMC²: Efficient MCMC Negative Sampling for Contrastive Learning with
     Global Convergence" (ICML 2024, arXiv 2404.10575); code: github.com/amazon-science/contrastive_emc2.
@@ -76,10 +98,11 @@ class EMC2Loss(ContrastiveLoss):
         temperature: τ; the paper's β is 1/τ.
         hard_negative_weight: see :class:`~simcse_flat.losses.base.ContrastiveLoss` (only reported metrics see it).
         seed: seed of the sampler's generator (its state is saved in ``state_dict()``).
-        proposals: MH proposals per anchor and step, ``K`` (see above); ``K > 1`` averages over the last ``K - K//2``.
-            ``None``: the official code's sweep, ``2(B-1)``.
+        proposals: ``paper`` kernel only: uniform proposals per anchor and step, ``K`` (``None``: 1).
+        kernel: ``paper`` or ``official_scan`` (see above).
 
-    Inputs: ``anchor_ids`` and ``candidate_ids`` (data-set indices) are required; ``chain_negatives`` is optional.
+    Inputs: ``anchor_ids`` and ``candidate_ids`` (data-set indices) are required; ``chain_negatives`` is optional
+    (the loop hands it over through :meth:`inputs_for_step`, the one hook between a loss and the loop).
     Metrics: ``emc2_acceptance`` (fraction of proposals accepted), ``emc2_used`` (fraction of anchors in
     :math:`A`), ``emc2_negative_logit`` (mean :math:`s(x_i, Z_i)` over :math:`A`).
 
@@ -105,19 +128,42 @@ class EMC2Loss(ContrastiveLoss):
         hard_negative_weight: float = 0.0,
         seed: int = 0,
         proposals: int | None = None,
+        kernel: str = "official_scan",
     ) -> None:
         super().__init__(temperature, hard_negative_weight)
         if proposals is not None and proposals < 1:
             raise ValueError(f"EMC² needs at least one proposal per anchor and step, got {proposals}")
+        if kernel not in KERNELS:
+            raise ValueError(f"EMC² kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel != "paper" and proposals not in (None, 1):
+            raise ValueError(f"proposals is the paper kernel's; the {kernel} kernel offers every column once")
         self.sampler = McmcNegativeSampler(dataset_size, seed)
-        self.proposals = proposals
+        self.proposals = proposals or 1
+        self.kernel = kernel
 
     def get_config_dict(self) -> dict[str, float | str]:
-        return {**super().get_config_dict(), "seed": self.sampler.seed, "proposals": self.proposals or "2(B-1)"}
+        config = {**super().get_config_dict(), "seed": self.sampler.seed, "kernel": self.kernel}
+        return {**config, "proposals": self.proposals} if self.kernel == "paper" else config
 
-    def extra_inputs(self, anchors: Tensor, chain_negatives: Tensor | None = None) -> dict[str, Tensor | None]:
-        """``chain_negatives`` ``(B, D)``: each anchor's chain negative, freshly encoded (optional, see above)."""
-        return {"chain_logits": None if chain_negatives is None else self.paired_logits(anchors, chain_negatives)}
+    def forward(
+        self,
+        anchors: Tensor,
+        candidates: Tensor,
+        positive_index: Tensor,
+        *,
+        chain_negatives: Tensor | Callable[[Tensor], Tensor] | None = None,
+        **inputs,
+    ) -> tuple[Tensor, dict]:
+        """``chain_negatives``: each anchor's chain negative freshly encoded, ``(B, D)``, or a function of
+        ``anchor_ids`` giving it (:meth:`inputs_for_step`); optional, see above."""
+        if callable(chain_negatives):
+            chain_negatives = chain_negatives(inputs["anchor_ids"])
+        chain_logits = None if chain_negatives is None else self.paired_logits(anchors, chain_negatives)
+        return super().forward(anchors, candidates, positive_index, chain_logits=chain_logits, **inputs)
+
+    def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
+        """The loop's encoder, to re-encode each anchor's chain negative once a step (:class:`ChainNegatives`)."""
+        return {"chain_negatives": ChainNegatives(self.sampler, encode_samples)}
 
     def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None, chain_logits=None):
         return self._estimate(logits, positive_index, anchor_ids, candidate_ids, chain_logits)
@@ -128,6 +174,11 @@ class EMC2Loss(ContrastiveLoss):
             a, o = F.normalize(anchors.float(), dim=-1), F.normalize(others.float(), dim=-1)
             return (a * o).sum(dim=-1) / self.temperature
 
+    def chain_states(self, candidate_ids: Tensor) -> Tensor:
+        """The chain state each candidate stands for: ``j`` for sample ``j``'s positive view, ``m + j`` for its hard
+        negative (given as ``-1 - j``): a hard negative is a sentence of its own, a negative of every anchor."""
+        return torch.where(candidate_ids >= 0, candidate_ids, self.sampler.dataset_size - 1 - candidate_ids)
+
     def global_loss(self, anchors: Tensor, positives: Tensor) -> Tensor:
         """The exact :math:`L` for a table of all ``m`` samples: ``anchors[i]``, ``positives[i]`` are ``x_i, y_i``."""
         logits = self.logits(anchors, positives)
@@ -137,11 +188,17 @@ class EMC2Loss(ContrastiveLoss):
     def _estimate(self, logits, positive_index, anchor_ids, candidate_ids, chain_logits):
         if anchor_ids is None or candidate_ids is None:
             raise ValueError("EMC2Loss keeps one chain per data-set sample: pass anchor_ids and candidate_ids")
-        proposable = negative_columns(logits, positive_index, anchor_ids, candidate_ids)
-        fresh = None if chain_logits is None else chain_logits.detach()
-        # the sweep's count comes from the gathered ids, so every process draws as many numbers (one generator state)
-        proposals = self.proposals or max(1, 2 * (torch.unique(candidate_ids).numel() - 1))
-        step = self.sampler.step(logits.detach(), proposable, anchor_ids, candidate_ids, fresh, proposals)
+        # the paper's kernel proposes a sample uniformly: one column per sample; the scan offers every column
+        one_per_id = self.kernel == "paper"
+        states = self.chain_states(candidate_ids)
+        proposable = negative_columns(logits, positive_index, anchor_ids, states, one_per_id)
+        own_hard = self.sampler.dataset_size + anchor_ids  # each anchor's own hard negative, always in its batch
+        correction = self._own_hard_negative_correction(candidate_ids)
+        mh_scores = logits.detach() - correction * (states[None, :] == own_hard[:, None])
+        fresh = None
+        if chain_logits is not None:
+            fresh = chain_logits.detach() - correction * (self.sampler.negative_ids[anchor_ids] == own_hard)
+        step = self.sampler.step(mh_scores, proposable, anchor_ids, states, fresh, self.proposals, self.kernel)
         negative, used = self._chain_negative_logits(logits, step, anchor_ids, chain_logits)
         per_anchor = torch.where(used, negative - positive_logits(logits, positive_index), 0.0)
         # mean over the used anchors of *all* processes; DDP's average over processes undoes the factor W
@@ -152,6 +209,13 @@ class EMC2Loss(ContrastiveLoss):
             "emc2_used": used.float().mean(),
             "emc2_negative_logit": torch.where(used, negative.detach(), 0.0).sum() / used.sum().clamp(min=1),
         }
+
+    def _own_hard_negative_correction(self, candidate_ids: Tensor) -> float:
+        """Hastings' correction ``log q(h_i) / q(z)`` for an anchor's own hard negative: it is in every batch of its
+        anchor, any other state only in a fraction ``(B - 1) / (m - 1)`` of them, so a uniform pick among the batch's
+        columns proposes it that much more often; its MH score is lowered by the log of the ratio."""
+        samples = int(torch.unique(candidate_ids[candidate_ids >= 0]).numel())  # B of every process
+        return math.log((self.sampler.dataset_size - 1) / max(samples - 1, 1))
 
     def _chain_negative_logits(self, logits, step, anchor_ids, chain_logits) -> tuple[Tensor, Tensor]:
         """``Σ_t w_t s(x_i, z_t)`` over the states recorded this step (``s(x_i, Z_i)`` for one proposal), with
@@ -164,13 +228,37 @@ class EMC2Loss(ContrastiveLoss):
         return negative + outside * chain_logits, self.sampler.negative_ids[anchor_ids] >= 0
 
 
-def negative_columns(logits: Tensor, positive_index: Tensor, anchor_ids: Tensor, candidate_ids: Tensor) -> Tensor:
-    """``(B, N)`` bool: the columns that stand for a negative sample of each anchor, one column per sample id.
+class ChainNegatives:
+    """Each anchor's chain negative for one step, encoded with gradient by the loop's ``encode_samples``.
 
-    A column is left out if it is the anchor's positive or carries the anchor's own id, if an earlier column
-    carries the same id (hard negatives repeat their sample's id), or if its logit is ``-inf`` (excluded).
+    The first loss call of the step encodes them: one more forward pass of ``B`` rows on every process, the same
+    shape each step (synchronised batch norm needs that). A second call in the same step (the mirrored direction
+    of a symmetric or ``all_views`` loss, same anchors) reuses that encoding: a chain that rejected every proposal
+    still holds the negative just encoded, and one that accepted holds a candidate of the batch, which is scored
+    from the batch's logits (its encoded row is then not read).
     """
-    mask = _first_of_each_id(candidate_ids)[None, :] & (candidate_ids[None, :] != anchor_ids[:, None])
+
+    def __init__(self, sampler: McmcNegativeSampler, encode_samples: Callable[[Tensor], Tensor]) -> None:
+        self.sampler, self.encode_samples = sampler, encode_samples
+        self.encoded: Tensor | None = None
+
+    def __call__(self, anchor_ids: Tensor) -> Tensor:
+        if self.encoded is None:
+            self.encoded = self.encode_samples(self.sampler.negatives_to_encode(anchor_ids))
+        return self.encoded
+
+
+def negative_columns(
+    logits: Tensor, positive_index: Tensor, anchor_ids: Tensor, candidate_ids: Tensor, one_per_id: bool = True
+) -> Tensor:
+    """``(B, N)`` bool: the columns that stand for a negative sample of each anchor.
+
+    A column is left out if it is the anchor's positive or carries the anchor's own id, if its logit is ``-inf``
+    (excluded), and with ``one_per_id`` if an earlier column carries the same id (``all_views`` has two per sample).
+    """
+    mask = candidate_ids[None, :] != anchor_ids[:, None]
+    if one_per_id:
+        mask = mask & _first_of_each_id(candidate_ids)[None, :]
     mask &= torch.isfinite(logits) & ~F.one_hot(positive_index, logits.size(1)).bool()
     return mask
 

@@ -16,11 +16,15 @@ class FlatNCELoss(ContrastiveLoss):
                = \log \xi_i, \qquad \xi_i = \sum_{j \ne t_i} e^{s_{ij} - s_{i,t_i}},
         \qquad s_{ij} = \cos(a_i, c_j) / \tau
 
-    InfoNCE is :math:`\log(1 + \xi_i)`. Once positives clearly beat negatives, :math:`\xi_i \to 0`, InfoNCE and its
-    gradient shrink to the size of floating-point rounding, and an adaptive optimiser (Adam) normalises that noise
-    into full-size steps. FlatNCE's gradient is that of :math:`\xi_i / \operatorname{sg}(\xi_i)` (``sg`` = stop
-    gradient): :math:`\nabla \xi_i / \xi_i = \nabla \log \xi_i`, the same direction as InfoNCE's first-order
-    term, but rescaled to O(1). The value can be negative (whenever :math:`\xi_i < 1`); that is normal.
+    InfoNCE is :math:`\log(1 + \xi_i)`, with gradient :math:`\nabla \xi_i / (1 + \xi_i)`; FlatNCE's gradient is that
+    of :math:`\xi_i / \operatorname{sg}(\xi_i)` (``sg`` = stop gradient), :math:`\nabla \xi_i / \xi_i`. Row by row,
+    FlatNCE's gradient is therefore exactly InfoNCE's divided by :math:`1 - p_{i,t_i} = \xi_i / (1 + \xi_i)`, the
+    softmax mass off the positive. Once positives clearly beat negatives that factor is small and differs from row
+    to row: InfoNCE's step is dominated by the rows whose positive is not yet won, FlatNCE weighs every row alike.
+    Adam cancels a common scale, not this per-row reweighting, which is what FlatNCE changes. It is not a matter of
+    rounding: at an InfoNCE loss of ~1e-4 the fp32 InfoNCE gradient equals the float64 one; only where the fp32
+    loss is exactly 0.0 does InfoNCE lose the positive's pull, while FlatNCE's stays (``tests/test_flatnce_gain.py``).
+    The value can be negative (whenever :math:`\xi_i < 1`); that is normal.
     Computed with a masked ``torch.logsumexp`` in fp32, so it is stable at τ = 0.01 with no explicit ``exp``.
 
     Paper: Chen, Gan, Li, Guo, Chen, Gao, Chung, Xu, Zeng, Lu, Li, Carin, Tao, "Simpler, Faster, Stronger:

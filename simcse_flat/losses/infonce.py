@@ -17,13 +17,19 @@ class InfoNCELoss(ContrastiveLoss):
 
     with :math:`t_i` the column of anchor :math:`i`'s positive; the loss is the mean of :math:`\ell_i` over anchors.
     Candidates are the in-batch positives of the other anchors (gathered from every process) and, in supervised
-    mode, the hard negatives, whose own-anchor logit gets ``hard_negative_weight`` added (SimCSE).
+    mode, the hard negatives, whose own-anchor logit gets ``hard_negative_weight`` added (SimCSE). With
+    ``negatives: all_views`` (the vision default) every view is an anchor against both views of every other sample
+    and its own column excluded: SimCLR's NT-Xent, ``2B - 2`` negatives (:mod:`simcse_flat.views`).
 
     Papers: van den Oord et al., "Representation Learning with Contrastive Predictive Coding" (arXiv 1807.03748);
     Gao, Yao, Chen, "SimCSE: Simple Contrastive Learning of Sentence Embeddings" (EMNLP 2021, arXiv 2104.08821).
 
-    Relations: equals sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / τ``; at small
-    batch it saturates near 0 and its gradient drowns in rounding noise, which is what :class:`FlatNCELoss` fixes.
+    Relations: equals sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / τ``. Its gradient
+    for row :math:`i` carries the factor :math:`1 - p_{i,t_i}` (the softmax mass off the positive): once positives
+    win, rows whose positive is already won nearly stop counting, and the rows still far from it dominate the step.
+    :class:`FlatNCELoss` divides that factor out row by row. The fp32 gradient is not the problem: at a loss of
+    ~1e-4 it equals the float64 one, and only where the loss rounds to exactly 0.0 does it lose the positive's pull
+    (:math:`p_t` rounds to 1; the negatives' push stays), ``tests/test_flatnce_gain.py``.
     """
 
     name = "infonce"

@@ -15,8 +15,13 @@ One step, for each anchor of the batch (Metropolis-Hastings with an independent 
    on the training device. ``s(x, Z)`` is recomputed when ``Z`` is visible (in the batch, or encoded by the caller)
    and read from the chain otherwise. An empty chain (score ``-inf``) accepts its first proposal.
 
-A step may make ``K`` such transitions in a row (``proposals``: the official code sweeps the batch, ``K = 2(B-1)``)
-and reports how long each anchor's chain held each state after the first ``K // 2`` (burn-in).
+That is the ``paper`` kernel (one proposal a step; ``proposals = K`` makes K independent ones). The
+``official_scan`` kernel is the official code's ``mh_step``: each anchor's chain is offered every proposable column
+of the batch in turn, in column order, and the step reports how long it held each state over the second half of
+the scan (``--mcmc_burn_in 0.5``). A scan of one batch is not a kernel that leaves the global softmax invariant
+(its proposals are not a uniform draw once the first has been seen); on an exact small problem it nonetheless
+comes closer to the global softmax than the paper's kernel at 300 and 3,000 epochs, within the sampling noise at
+3,000 (``scripts/bench_emc2_kernels.py``, the table in ``docs/benchmarks.md``).
 
 Chains carry over between steps and epochs (EMC²'s warm start). Randomness comes from a generator the sampler
 owns, seeded and saved with the state, so a resumed run makes the same draws as an uninterrupted one whatever the
@@ -35,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .distributed import gather_no_grad, rank_offset, world_size
+from ..distributed import gather_no_grad, rank_offset, world_size
 
 
 class McmcStep(NamedTuple):
@@ -51,7 +56,9 @@ class McmcNegativeSampler(nn.Module):
     """Per-sample Metropolis-Hastings chains over negatives; buffers ``negative_ids`` and ``log_scores``.
 
     Args:
-        dataset_size: number of samples ``m``; one chain each. Sample ids index the buffers directly.
+        dataset_size: number of samples ``m``; one chain each. Sample ids index the buffers directly. A chain's
+            state is a candidate of the data set: ``j < m`` stands for sample ``j``'s positive view, ``m + j`` for
+            its hard negative (supervised data).
         seed: seed of the sampler's own generator.
     """
 
@@ -95,52 +102,63 @@ class McmcNegativeSampler(nn.Module):
         candidate_ids: Tensor,
         current_scores: Tensor | None = None,
         proposals: int = 1,
+        kernel: str = "paper",
     ) -> McmcStep:
-        """``proposals`` MH transitions of each anchor's chain, each proposing a uniformly drawn candidate.
+        """MH transitions of each anchor's chain over the batch's candidates, by one of two kernels.
 
-        With one proposal the step is the paper's and leaves the global softmax invariant. With ``K > 1`` (the
-        official code's sweep over the batch) the states after the first ``K // 2`` transitions (burn-in) are
-        recorded, and ``weights`` says how often each was held, for an averaged gradient estimate.
+        * ``paper``: ``proposals`` independent uniform draws among the proposable columns (1: the paper's step,
+          which leaves the global softmax invariant). With ``K > 1`` the states after the first ``K // 2`` are
+          recorded.
+        * ``official_scan`` (the official code's ``mh_step``): every proposable column in turn, in column order; the
+          states after the first half of the scan are recorded (``--mcmc_burn_in 0.5``).
+
+        ``weights`` says how often each recorded state was held, for an averaged gradient estimate.
 
         Args:
             scores: ``(B, N)`` fp32 ``s(x_i, c_j)``.
-            proposable: ``(B, N)`` bool, the columns that are negatives of anchor ``i``, one column per data-set id.
+            proposable: ``(B, N)`` bool, the columns that are negatives of anchor ``i``.
             anchor_ids: ``(B,)`` data-set index of each anchor.
-            candidate_ids: ``(N,)`` data-set index of each candidate.
+            candidate_ids: ``(N,)`` chain state of each candidate (a data-set index, or past it: see the loss).
             current_scores: ``(B,)`` fresh ``s(x_i, Z_i)`` of each chain's current negative, when the caller has
-                encoded it (ignored for empty chains).
-            proposals: ``K``, transitions per anchor.
+                encoded it; used where that negative is not a candidate of this batch (ignored for empty chains).
+            proposals: ``K`` of the ``paper`` kernel.
+            kernel: ``paper`` or ``official_scan``.
         """
         self._check_ids(anchor_ids, candidate_ids)
         batch, columns = scores.shape
         rows = torch.arange(batch, device=scores.device)
-        u_pick, u_accept = self._uniforms(batch, proposals, scores.device)
+        schedule = _scan_schedule(proposable) if kernel == "official_scan" else None
+        steps = columns if schedule is not None else proposals
+        u_pick, u_accept = self._uniforms(batch, steps, scores.device)
         current = self.negative_ids[anchor_ids]
         column = column_of(current, candidate_ids, proposable)  # -1: out of the batch, or an empty chain
         score_now = torch.where(column >= 0, scores[rows, column.clamp(min=0)], self.log_scores[anchor_ids])
-        if current_scores is not None:
-            score_now = torch.where(current >= 0, current_scores.float(), score_now)
+        if current_scores is not None:  # the chain's negative is out of the batch: its fresh encoding scores it
+            score_now = torch.where((column < 0) & (current >= 0), current_scores.float(), score_now)
         moved = torch.zeros(batch, dtype=torch.bool, device=scores.device)
         weights = torch.zeros(batch, columns + 1, device=scores.device)
         accepted_total = torch.zeros((), device=scores.device)
-        burn_in = proposals // 2
-        for t in range(proposals):
-            proposal = _pick_uniformly(proposable, u_pick[t])
+        proposed_total = torch.zeros((), device=scores.device)
+        for t in range(steps):
+            if schedule is None:
+                proposal, record = _pick_uniformly(proposable, u_pick[t]), torch.full_like(moved, t >= steps // 2)
+            else:
+                proposal, record = schedule[0][:, t], schedule[1][:, t]
             proposed = scores[rows, proposal.clamp(min=0)]
             accepted = (proposal >= 0) & (u_accept[t].log() < proposed - score_now)
             column = torch.where(accepted, proposal, column)
             score_now = torch.where(accepted, proposed, score_now)
             moved |= accepted
             accepted_total += accepted.sum()
-            if t >= burn_in:
-                weights[rows, torch.where(column >= 0, column, columns)] += 1.0
+            proposed_total += (proposal >= 0).sum()
+            weights[rows[record], torch.where(column >= 0, column, columns)[record]] += 1.0
         self._store(anchor_ids, torch.where(moved, candidate_ids[column.clamp(min=0)], current), score_now)
-        acceptance = accepted_total / (batch * proposals)
-        return McmcStep(column, moved, weights / (proposals - burn_in), acceptance)
+        acceptance = accepted_total / proposed_total.clamp(min=1)
+        return McmcStep(column, moved, weights / weights.sum(dim=1, keepdim=True).clamp(min=1), acceptance)
 
-    def _uniforms(self, batch: int, proposals: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _uniforms(self, batch: int, steps: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(K, B)`` ``U[0, 1)`` draws twice: this process's slice of the draws for every process's anchors."""
-        draws = torch.rand(2, proposals, world_size() * batch, generator=self.generator)
+        draws = torch.rand(2, steps, world_size() * batch, generator=self.generator)
         mine = draws[..., rank_offset(batch) : rank_offset(batch) + batch].to(device)
         return mine[0], mine[1]
 
@@ -152,9 +170,18 @@ class McmcNegativeSampler(nn.Module):
     def _check_ids(self, anchor_ids: Tensor, candidate_ids: Tensor) -> None:
         # an id past the end would be a device-side assert on GPU; say what is wrong instead
         low = int(torch.minimum(anchor_ids.min(), candidate_ids.min()))
-        high = int(torch.maximum(anchor_ids.max(), candidate_ids.max()))
+        high = int(torch.maximum(anchor_ids.max(), candidate_ids.max() - self.dataset_size))
         if low < 0 or high >= self.dataset_size:
             raise ValueError(f"sample ids must lie in [0, {self.dataset_size}), the data-set size; got {low}..{high}")
+
+
+def _scan_schedule(proposable: Tensor) -> tuple[Tensor, Tensor]:
+    """The official scan: ``(B, N)`` proposal at each position (the column itself, -1 where not proposable) and
+    whether the state after it is recorded (proposals past the first half of the row's, as ``j > burn_in``)."""
+    columns = torch.arange(proposable.size(1), device=proposable.device).expand_as(proposable)
+    rank = proposable.cumsum(dim=1)  # 1-based position among the row's proposals
+    burn_in = proposable.sum(dim=1, keepdim=True) // 2
+    return torch.where(proposable, columns, -1), proposable & (rank > burn_in)
 
 
 def _pick_uniformly(allowed: Tensor, u: Tensor) -> Tensor:

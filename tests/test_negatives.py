@@ -1,0 +1,99 @@
+"""The candidate set of two-view data: SimCLR's NT-Xent (``all_views``, 2B-2 negatives) and SimCSE's ``cross_view``.
+
+References are written out in float64 from the papers' definitions, one view at a time: NT-Xent (SimCLR, Chen et
+al. 2020, eq. 1) and FlatCLR (FlatNCE on SimCLR's candidates: log-sum-exp of the 2B-2 negatives minus the positive).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simcse_flat.losses import build_loss
+from simcse_flat.views import contrastive_loss_on_views
+
+TAU = 0.5
+
+
+def _angles(*degrees: float) -> torch.Tensor:
+    radians = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([radians.cos(), radians.sin()], dim=1)
+
+
+# three images, two views each (view-major rows, as the collator lays them out): 2-d unit vectors at these angles
+VIEW0, VIEW1 = (0.0, 100.0, 200.0), (30.0, 150.0, 190.0)
+
+
+def _by_hand(flat: bool) -> float:
+    """Mean over the 2B = 6 views of NT-Xent (or FlatCLR), each view against the 5 others, in float64."""
+    views = _angles(*VIEW0, *VIEW1)
+    batch, total = len(VIEW0), 0.0
+    for k in range(2 * batch):
+        positive = (k + batch) % (2 * batch)
+        s = {j: float(views[k] @ views[j]) / TAU for j in range(2 * batch) if j != k}
+        denominator = sum(math.exp(v) for j, v in s.items() if not (flat and j == positive))
+        total += math.log(denominator) - s[positive]
+    return total / (2 * batch)
+
+
+@pytest.mark.parametrize("loss_name, flat", [("infonce", False), ("flatnce", True)], ids=["nt-xent", "flatclr"])
+def test_all_views_is_nt_xent_and_flatclr_by_hand(loss_name, flat):
+    embeddings = _angles(*VIEW0, *VIEW1).float()
+    loss, _ = contrastive_loss_on_views(build_loss(loss_name, temperature=TAU), embeddings, torch.arange(3),
+                                        negatives="all_views")  # fmt: skip
+    assert loss.item() == pytest.approx(_by_hand(flat), rel=1e-6)
+    # cross_view (CLIP's two directions, B-1 negatives each) is a different number on the same batch
+    cross, _ = contrastive_loss_on_views(build_loss(loss_name, temperature=TAU), embeddings, torch.arange(3),
+                                         symmetric=True)  # fmt: skip
+    assert abs(cross.item() - loss.item()) > 0.1
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "flatnce", "dcl"])
+def test_all_views_gradient_matches_the_float64_definition(loss_name):
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2 * 5, 4, generator=generator, dtype=torch.float64)
+    leaf = embeddings.float().requires_grad_()
+    loss, _ = contrastive_loss_on_views(build_loss(loss_name, temperature=0.2), leaf, torch.arange(5),
+                                        negatives="all_views")  # fmt: skip
+    (got,) = torch.autograd.grad(loss, leaf)
+
+    exact_leaf = embeddings.clone().requires_grad_()
+    unit = F.normalize(exact_leaf, dim=-1)
+    logits = (unit @ unit.T / 0.2).masked_fill(torch.eye(10, dtype=torch.bool), float("-inf"))  # no self-pair
+    positive = torch.arange(10).roll(5)
+    s_pos = logits.gather(1, positive[:, None]).squeeze(1)
+    if loss_name != "infonce":  # FlatNCE = DCL: the positive leaves the log-sum-exp too
+        logits = logits.scatter(1, positive[:, None], float("-inf"))
+    (expected,) = torch.autograd.grad((torch.logsumexp(logits, 1) - s_pos).mean(), exact_leaf)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_all_views_refuses_three_views_and_unknown_names():
+    loss_fn = build_loss("infonce")
+    with pytest.raises(ValueError, match="two views"):
+        contrastive_loss_on_views(loss_fn, torch.randn(9, 4), torch.arange(3), negatives="all_views")
+    with pytest.raises(ValueError, match="cross_view"):
+        contrastive_loss_on_views(loss_fn, torch.randn(6, 4), torch.arange(3), negatives="all_view")
+
+
+def test_stateful_losses_take_all_views():
+    """SogCLR and EMC² run on the 2B-2 candidates, anchors of either view keeping one state."""
+    embeddings = torch.randn(2 * 4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    for name in ("sogclr", "emc2"):
+        loss_fn = build_loss(name, dataset_size=10, temperature=0.2)
+        loss, metrics = contrastive_loss_on_views(loss_fn, embeddings, torch.tensor([0, 3, 5, 9]),
+                                                  negatives="all_views")  # fmt: skip
+        loss.backward()
+        assert torch.isfinite(loss) and 0 <= metrics["accuracy"] <= 1
+    assert torch.isfinite(embeddings.grad).all()
+
+
+def test_config_names_the_candidate_sets():
+    from simcse_flat.config import ConfigError, parse_config
+
+    assert parse_config(["--negatives", "all_views"]).loss.negatives == "all_views"
+    with pytest.raises(ConfigError, match="negatives"):
+        parse_config(["--negatives", "both"])
