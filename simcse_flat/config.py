@@ -93,6 +93,12 @@ class LossArguments:
                   "negatives) | all_views (SimCLR's NT-Xent: every view against both views of every other sample, "
                   "2B-2 negatives). Unset: all_views for vision, cross_view for text."},
     )
+    mask_duplicates: bool = field(
+        default=True,
+        metadata={"help": "Leave out of the negatives any candidate with the anchor's content key (the same text, "
+                  "or the same image): a repeated sentence is never its own negative, in the batch or in EMC²'s "
+                  "chains. false: keep them (to measure what masking changes)."},
+    )
     emc2_refresh_negatives: bool = field(
         default=True,
         metadata={"help": "EMC²: re-encode each chain's negative every step (exact gradient, one more forward of B "

@@ -178,9 +178,11 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         for batch in epoch_loader:
             with accelerator.accumulate(encoder):
                 sample_ids = batch.pop("sample_ids")
+                keys = batch.pop("sample_keys", None)  # content keys: an anchor's duplicates are not its negatives
                 embeddings = encode(batch)
                 loss, metrics = contrastive_loss_on_views(
-                    loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples, parts.negatives
+                    loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples, parts.negatives,
+                    keys if config.loss.mask_duplicates else None,
                 )
                 _stop_if_not_finite(accelerator, "loss", loss.detach(), state, output_dir)
                 accelerator.backward(loss)
@@ -338,6 +340,7 @@ def _sample_encoder(encode, parts, device) -> Callable[[torch.Tensor], torch.Ten
             return encode({k: v.to(device) for k, v in batch.items()})
         batch = parts.collate_fn(examples)  # every view: keep view 1 (positive) or view 2 (hard negative)
         batch.pop("sample_ids")
+        batch.pop("sample_keys", None)
         views = split_views(encode({k: v.to(device) for k, v in batch.items()}), len(examples))
         return views[1 + (states >= size).long().to(device), torch.arange(len(examples), device=device)]
 

@@ -34,6 +34,7 @@ def contrastive_loss_on_views(
     symmetric: bool = False,
     encode_samples: Callable[[Tensor], Tensor] | None = None,
     negatives: str = "cross_view",
+    sample_keys: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Score the anchors of this process against the candidates of all processes.
 
@@ -50,6 +51,10 @@ def contrastive_loss_on_views(
 
     ``encode_samples``: embeds data-set samples by id with gradient, handed to the loss's one hook
     (:meth:`~simcse_flat.losses.base.ContrastiveLoss.inputs_for_step`; EMC² re-encodes its chain negatives).
+
+    ``sample_keys``: each example's content key (:func:`~simcse_flat.data.text.content_key`), gathered like the ids:
+    a candidate view of *another* sample with the anchor's key is a duplicate of the anchor and is masked out of
+    every loss (a hard negative, another sentence, is never masked). ``None``: no masking.
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
@@ -59,8 +64,17 @@ def contrastive_loss_on_views(
     all_ids = gather_no_grad(sample_ids)  # (W*B,)
     own = rank_offset(batch) + torch.arange(batch, device=embeddings.device)  # my rows in a gathered view
     for_step = {} if encode_samples is None else loss_fn.inputs_for_step(encode_samples)
+    duplicates = None
+    if sample_keys is not None:
+        duplicates = _duplicates(sample_ids, sample_keys, all_ids, gather_no_grad(sample_keys))
 
-    def score(anchors: Tensor, candidates: Tensor, positive: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+    def score(anchors: Tensor, candidates: Tensor, positive: Tensor, masked_blocks: int | None = None,
+              **kwargs) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        if duplicates is not None:  # (B, W*B) over one view's columns, laid over the first masked_blocks views
+            blocks = candidates.size(0) // duplicates.size(1)
+            masked = blocks if masked_blocks is None else masked_blocks
+            off = torch.zeros_like(duplicates)
+            kwargs["duplicate_mask"] = torch.cat([duplicates] * masked + [off] * (blocks - masked), dim=1)
         return loss_fn(anchors, candidates, positive, anchor_ids=sample_ids, **kwargs, **for_step)
 
     if views.size(0) == 3:
@@ -70,7 +84,7 @@ def contrastive_loss_on_views(
         hard_negative = own + world_size() * batch
         hard_ids = -1 - all_ids  # a hard negative is another sentence of its sample: ids -1 - index (losses/base.py)
         return score(views[0], candidates, own, candidate_ids=torch.cat([all_ids, hard_ids]),
-                     hard_negative_index=hard_negative)  # fmt: skip
+                     hard_negative_index=hard_negative, masked_blocks=1)  # fmt: skip
     if views.size(0) != 2:
         raise ValueError(f"expected 2 or 3 views, got {views.size(0)}")
     if negatives == "all_views":
@@ -80,6 +94,11 @@ def contrastive_loss_on_views(
                         score(views[1], every_view, own, candidate_ids=view_ids, exclude_index=other))  # fmt: skip
     forward = score(views[0], gathered[1], own, candidate_ids=all_ids)
     return _mean_of(forward, score(views[1], gathered[0], own, candidate_ids=all_ids)) if symmetric else forward
+
+
+def _duplicates(ids: Tensor, keys: Tensor, all_ids: Tensor, all_keys: Tensor) -> Tensor:
+    """``(B, W*B)`` bool: column ``j`` (a sample of any process) shares anchor ``i``'s key but is another sample."""
+    return (all_keys[None, :] == keys[:, None]) & (all_ids[None, :] != ids[:, None])
 
 
 def _mean_of(*results: tuple[Tensor, dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -87,6 +87,7 @@ def _batch_gradient(parts, loss_fn, ids: list[int], parameters: dict[str, torch.
     """Autograd gradient of the loss of one batch of ``ids``, contrasted with itself only."""
     batch = parts.collate_fn([parts.dataset[i] for i in ids])
     sample_ids = batch.pop("sample_ids")
+    batch.pop("sample_keys")  # the sentences are distinct: no duplicate to mask
     loss, _ = contrastive_loss_on_views(loss_fn, parts.model(**batch), sample_ids)
     grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
     return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(parameters.items(), grads)}
@@ -125,6 +126,7 @@ def test_supervised_step_weights_each_anchors_own_hard_negative(bert_without_dro
     parts = build_parts(config)
     batch = parts.collate_fn([parts.dataset[i] for i in _epoch_order(16, config.training.seed)[:8]])
     batch.pop("sample_ids")
+    batch.pop("sample_keys")
     with torch.no_grad():
         anchors, positives, hard = torch.nn.functional.normalize(split_views(parts.model(**batch), 8).double(), dim=-1)
     logits = anchors @ torch.cat([positives, hard]).T / tau

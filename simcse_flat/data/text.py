@@ -271,7 +271,8 @@ class ContrastiveCollator:
 
     Rows ``[v*B:(v+1)*B]`` are view ``v`` of the ``B`` examples: unsupervised, view 1 repeats view 0 (dropout is the
     only noise, SimCSE); supervised, the views are ``sent0, sent1[, hard_neg]``. One forward pass encodes them all.
-    ``sample_ids`` carries the data-set index of each example, for losses with per-sample state.
+    ``sample_ids`` carries the data-set index of each example, for losses with per-sample state; ``sample_keys``
+    its content key (:func:`content_key`), so that duplicates are not used as each other's negatives.
     """
 
     tokenizer: object
@@ -286,6 +287,8 @@ class ContrastiveCollator:
             views = [c for c in SUP_COLUMNS if c in examples[0]]
             batch = self._tokenize([e[c] for c in views for e in examples])
         batch["sample_ids"] = ids
+        if "key" in examples[0]:  # content keys: a duplicate of an anchor is never its negative (views.py)
+            batch["sample_keys"] = torch.tensor([e["key"] for e in examples], dtype=torch.long)
         return batch
 
     def positives(self, examples: list[dict], hard_negative: list[bool] | None = None) -> dict[str, Tensor]:

@@ -185,7 +185,15 @@ class MultiViewDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image, _ = self.images[index]
-        return {"pixel_values": torch.stack([self.transform(image) for _ in range(self.views)]), "idx": index}
+        views = torch.stack([self.transform(image) for _ in range(self.views)])
+        return {"pixel_values": views, "idx": index, "key": image_key(image)}
+
+
+def image_key(image) -> int:
+    """A 64-bit key of the image's pixels: two items with one key are the same picture, never each other's
+    negative (a PIL image, a NumPy array or a tensor)."""
+    raw = image.contiguous().cpu().numpy().tobytes() if isinstance(image, torch.Tensor) else image.tobytes()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
 
 
 def collate_views(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -195,6 +203,7 @@ def collate_views(items: list[dict]) -> dict[str, torch.Tensor]:
     return {
         "pixel_values": stacked.transpose(0, 1).flatten(0, 1),
         "sample_ids": torch.tensor([item["idx"] for item in items], dtype=torch.long),
+        "sample_keys": torch.tensor([item["key"] for item in items], dtype=torch.long),
     }
 
 

@@ -17,6 +17,8 @@ argument               shape        meaning
                                     the hard negative of sample ``index``, a sentence of its own
 ``hard_negative_index``(B,)         column of each anchor's own hard negative (SimCSE's weighted hard negative)
 ``exclude_index``      (B,)         column that is the anchor itself and must not count (SimCLR's 2N-view loss)
+``duplicate_mask``     (B, N) bool  candidates that duplicate the anchor (same content key, another sample): left
+                                    out like ``exclude_index``, so a repeated sentence is never its own negative
 =====================  ===========  ==========================================================================
 
 Similarities are cosine similarities divided by the temperature, ``s_ij = cos(a_i, c_j) / τ``, computed in fp32
@@ -64,8 +66,10 @@ class ContrastiveLoss(nn.Module):
         candidates: Tensor,
         hard_negative_index: Tensor | None = None,
         exclude_index: Tensor | None = None,
+        duplicate_mask: Tensor | None = None,
     ) -> Tensor:
-        """``(B, N)`` fp32 logits ``cos(a_i, c_j) / τ``, with the hard-negative bias and self-exclusion applied."""
+        """``(B, N)`` fp32 logits ``cos(a_i, c_j) / τ``, with the hard-negative bias and the exclusions (self,
+        duplicates: ``-inf``, so they count in no sum and no chain proposes them) applied."""
         a = F.normalize(anchors.float(), dim=-1)
         c = F.normalize(candidates.float(), dim=-1)
         with torch.autocast(device_type=a.device.type, enabled=False):
@@ -77,6 +81,8 @@ class ContrastiveLoss(nn.Module):
             logits = logits + bias
         if exclude_index is not None:
             logits = logits.masked_fill(_one_hot_mask(logits, exclude_index), float("-inf"))
+        if duplicate_mask is not None:
+            logits = logits.masked_fill(duplicate_mask, float("-inf"))
         return logits
 
     def forward(
@@ -89,12 +95,13 @@ class ContrastiveLoss(nn.Module):
         candidate_ids: Tensor | None = None,
         hard_negative_index: Tensor | None = None,
         exclude_index: Tensor | None = None,
+        duplicate_mask: Tensor | None = None,
         **extra: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``extra``: inputs particular to one loss (EMC²'s ``chain_negatives``, from :meth:`inputs_for_step`)."""
         if candidates.size(0) < 2:
             raise ValueError("a contrastive loss needs at least 2 candidates (batch size >= 2)")
-        logits = self.logits(anchors, candidates, hard_negative_index, exclude_index)
+        logits = self.logits(anchors, candidates, hard_negative_index, exclude_index, duplicate_mask)
         loss, metrics = self.compute_loss_from_logits(
             logits, positive_index, anchor_ids=anchor_ids, candidate_ids=candidate_ids, **extra
         )
