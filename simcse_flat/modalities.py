@@ -2,7 +2,8 @@
 
 The loop in :mod:`simcse_flat.trainer` knows nothing about tokenizers or pixels: it gets a model whose forward maps a
 collated batch (minus ``sample_ids``) to ``(V*B, D)`` embeddings, view-major; a data set whose items carry their
-index as ``idx``; a collate function; and a way to save the trained model. ``config.model.modality`` picks the bundle.
+index as ``idx``; a collate function; the evaluator ``eval_steps`` runs; and the exporter that writes the trained
+model with its card. ``config.model.modality`` picks the bundle, here and nowhere else (vision: :mod:`.vision`).
 """
 
 from __future__ import annotations
@@ -22,25 +23,31 @@ class TrainingParts:
     model: nn.Module  # forward(**batch) -> (V*B, D) embeddings, view-major
     dataset: Dataset  # items are dicts carrying their data-set index as "idx"
     collate_fn: Callable[[list[dict]], dict]
-    # (unwrapped model, folder, overwrite=...): an atomic export; the loop adds card and config
-    save_model: Callable[..., object]
+    # (unwrapped model, folder, overwrite=..., summary=RunSummary | None): an atomic export, with the model card
+    # and the run's files when a summary is given
+    export: Callable[..., object]
     description: str  # one line for the start-of-run summary
     symmetric: bool = False  # also score view 1 against view 0 (SimCLR); SimCSE scores one direction
     # the positive view alone, for EMC²'s chain negatives; unset: collate_fn, keeping view 1
     collate_positives: Callable[[list[dict]], dict] | None = None
+    # what eval_steps runs (model -> results with "primary_metric"); None when eval_steps is 0
+    evaluator: Callable[[nn.Module], dict] | None = None
 
 
-def text_parts(config: RunConfig) -> TrainingParts:
-    """SimCSE: a HuggingFace encoder with a pooler, sentences or NLI triples, a sentence-transformers folder."""
+def text_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
+    """SimCSE: a SentenceTransformer (a hub model as it is, or a HF encoder + pooler), sentences or NLI triples."""
     from .data.text import ContrastiveCollator, IndexedDataset, is_supervised, load_train_dataset
-    from .export import save_sentence_transformers_folder
-    from .models.text import SentenceEncoder
+    from .export import export_text_model
+    from .models.text import SentenceEncoder, check_trainable
 
+    # the evaluation data is read (and checked) before the model loads
+    evaluator = sts_evaluator(config) if evaluate and config.training.eval_steps > 0 else None
     encoder = SentenceEncoder.from_pretrained(
         config.model.model_name_or_path,
         pooler=config.model.pooler,
         mlp_only_train=config.model.mlp_only_train,
     )  # its max_seq_length stays the inference length; the collator truncates training text
+    check_trainable(encoder, config.model.model_name_or_path)
     dataset, notes = load_train_dataset(config.data.train_file, config.data.dataset_split, config.data.max_train_samples)
     kind = "supervised (sent0, sent1, hard_neg)" if is_supervised(dataset) else "unsupervised (dropout views)"
     collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length)
@@ -49,18 +56,83 @@ def text_parts(config: RunConfig) -> TrainingParts:
         dataset=IndexedDataset(dataset),
         collate_fn=collator,
         collate_positives=collator.positives,
-        save_model=save_sentence_transformers_folder,
+        export=export_text_model,
+        evaluator=evaluator,
         description=f"{len(dataset)} {kind} examples from {config.data.train_file}"
         + "".join(f" ({note})" for note in notes),
     )
 
 
-def build_parts(config: RunConfig) -> TrainingParts:
-    modality = config.model.modality
-    if modality == "text":
-        return text_parts(config)
+def sts_evaluator(config: RunConfig) -> Callable[[nn.Module], dict]:
+    """STS tasks of ``eval_tasks`` on ``eval_split`` (SimCSE: STS-B dev), scored through the model's ``encode``."""
+    from .evaluation.sts import evaluate_sts, load_sts_tasks
+
+    args = config.training
+    tasks = load_sts_tasks(args.eval_tasks, args.eval_data_dir, args.eval_split)  # read (and checked) once
+    return lambda encoder: evaluate_sts(encoder.encode, tasks=tasks)
+
+
+def build_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
+    """The modality's parts; ``evaluate``: with its evaluator (when ``eval_steps`` asks for one)."""
+    modality = _check_modality(config)
     if modality == "vision":
         from .vision import vision_parts  # torchvision is imported on this path only
 
-        return vision_parts(config)
-    raise ConfigError(f"modality must be text or vision, got {modality!r}")
+        return vision_parts(config, evaluate)
+    return text_parts(config, evaluate)
+
+
+def expected_weights_bytes(config: RunConfig) -> int | None:
+    """A first guess at the model's weight files on disk before it loads (``None``: not on this disk, or random
+    init), so the output folder's room is checked before minutes of loading."""
+    if _check_modality(config) == "vision":
+        return None
+    from .models.text import resolve_model_path
+
+    try:
+        folder = Path(resolve_model_path(config.model.model_name_or_path))
+    except Exception:  # a hub id, or a package that is not installed: the loader reports it
+        return None
+    if not folder.is_dir():
+        return None
+    return sum(p.stat().st_size for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+
+
+def final_model_scores(config: RunConfig, model: Path, probe: dict, test_tasks: list | None) -> dict:
+    """What ``scripts/compare_losses.py`` adds for a trained ``final/`` folder: linear probe and kNN accuracy
+    (vision), the mean of the STS ``test_tasks`` (text, when given)."""
+    if _check_modality(config) == "vision":
+        from .vision import linear_probe_scores
+
+        return linear_probe_scores(config, model, **probe)
+    if not test_tasks:
+        return {}
+    return {"test": sts_test_scores(model, test_tasks)["avg_spearman"]}
+
+
+def untrained_scores(config: RunConfig, probe: dict) -> dict | None:
+    """The untrained baseline's scores where the modality has one (vision: the same architecture at random init)."""
+    if _check_modality(config) != "vision":
+        return None  # text starts from a pretrained model: its "before" is the first evaluation
+    from .vision import linear_probe_scores
+
+    return linear_probe_scores(config, None, **probe)
+
+
+def sts_test_scores(model: Path, tasks: list) -> dict:
+    """STS ``tasks`` of a text ``model`` folder, as ``evaluate_sts.py`` scores them (untruncated)."""
+    import torch
+
+    from .evaluation.sts import evaluate_sts
+    from .models.text import SentenceEncoder
+
+    encoder = SentenceEncoder.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.max_seq_length = encoder.longest_input
+    return evaluate_sts(encoder.encode, tasks, batch_size=128)
+
+
+def _check_modality(config: RunConfig) -> str:
+    modality = config.model.modality
+    if modality not in ("text", "vision"):
+        raise ConfigError(f"modality must be text or vision, got {modality!r}")
+    return modality

@@ -146,3 +146,22 @@ def test_a_module_that_cannot_be_loaded_is_named_in_one_line(tiny_bert, tmp_path
 def test_a_pooler_other_than_the_models_own_is_refused(minilm_path):
     with pytest.raises(ModelLoadError, match="whose pooling is mean, not 'cls'"):
         SentenceEncoder.from_pretrained(minilm_path, pooler="cls")
+
+
+def test_training_a_model_whose_first_module_is_not_a_transformer_fails_in_one_line(tiny_bert, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer
+
+    from simcse_flat.config import parse_config
+    from simcse_flat.trainer import train
+
+    static = StaticEmbedding(Tokenizer.from_file(str(tiny_bert / "tokenizer.json")), embedding_dim=8)
+    SentenceTransformer(modules=[static], device="cpu").save(str(tmp_path / "static"))
+    (tmp_path / "s.txt").write_text("\n".join(SENTENCES) + "\n")
+    config = parse_config(["--model_name_or_path", str(tmp_path / "static"), "--train_file", str(tmp_path / "s.txt"),
+                           "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "run"),
+                           "--report_to", "none"])  # fmt: skip
+    with pytest.raises(ModelLoadError) as error:
+        train(config)
+    assert "\n" not in str(error.value) and "first module is StaticEmbedding" in str(error.value)

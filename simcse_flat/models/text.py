@@ -171,6 +171,17 @@ class SentenceEncoder(SentenceTransformer):
             )
 
 
+def check_trainable(encoder: SentenceEncoder, name: str) -> None:
+    """The trainer tokenizes with the model's Hugging Face tokenizer and runs every module with gradient: a model
+    whose first module is not a ``Transformer`` (static embeddings, CLIP, a custom input module) it cannot train."""
+    first = encoder[0]
+    if not isinstance(first, Transformer):
+        raise ModelLoadError(
+            f"{name}: its first module is {type(first).__name__}, not a sentence-transformers Transformer; the "
+            "trainer feeds Hugging Face tokenizer ids to a transformers model, so it cannot train through it"
+        )
+
+
 def _is_sentence_transformers_model(path: str) -> bool:
     """Whether ``path`` (a folder or a hub id, looked up in the cache when offline) holds ``modules.json``."""
     from sentence_transformers.util import is_sentence_transformer_model
