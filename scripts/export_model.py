@@ -18,9 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from simcse_flat.cli import run_cli
-from simcse_flat.export import RunSummary, export_text_model, load_trained_encoder, portable_config, push_to_hub
+from simcse_flat.export import (
+    RunSummary,
+    card_base_model,
+    export_text_model,
+    hub_id_of,
+    load_trained_encoder,
+    portable_config,
+    push_to_hub,
+)
 from simcse_flat.losses import loss_class
 from simcse_flat.run_folder import check_destination
 
@@ -40,13 +49,16 @@ def main() -> None:
     encoder, config = load_trained_encoder(args.source)
     summary = None
     if config:
+        # a checkpoint's config.yaml names the base model as trained from; a model folder's card names its hub id
+        base_model = card_base_model(args.source) if (Path(args.source) / "modules.json").exists() else hub_id_of(
+            config.get("model_name_or_path"))  # fmt: skip
         config = portable_config({**config, "data_license": args.data_license or config.get("data_license")})
         loss_name = config.get("loss", "infonce")
         loss = {"loss": loss_name, "temperature": config.get("temperature"),
                 "hard_negative_weight": config.get("hard_negative_weight")}  # fmt: skip
         sts = json.loads(open(args.sts_results).read()) if args.sts_results else {}
         summary = RunSummary(config, loss, loss_class(loss_name).citation, results=sts.get("results"),
-                             split=sts.get("settings", {}).get("split"))  # fmt: skip
+                             split=sts.get("settings", {}).get("split"), base_model=base_model)  # fmt: skip
     path = export_text_model(encoder, args.destination, overwrite=args.overwrite, summary=summary)
     print(f"wrote {path}")
     if args.push_to_hub:

@@ -36,6 +36,7 @@ class RunSummary:
     steps: int | None = None
     results: dict | None = None  # the evaluator's figures at ``steps``
     split: str | None = None  # the split ``results`` were computed on
+    base_model: str | None = None  # the hub id the run started from (:func:`hub_id_of`), None for a local folder
 
     def files(self) -> dict[str, str]:
         """``training_config.yaml`` (what "Reproduce" runs) and, with results, ``eval_results.json``."""
@@ -59,6 +60,25 @@ class RunSummary:
         if self.citation:
             lines += ["### Citation", "", "```bibtex", self.citation.strip(), "```", ""]
         return "\n".join(lines)
+
+
+def hub_id_of(name: str | None) -> str | None:
+    """The hub id a base model is known by (a pip-packaged model's, or the name itself); ``None`` for a folder."""
+    from .models.text import PACKAGED_MODELS
+
+    if not name or name in PACKAGED_MODELS:
+        return PACKAGED_MODELS.get(name) if name else None
+    if name.startswith(("package:", "/", ".", "~")) or os.path.exists(os.path.expanduser(name)):
+        return None
+    return name
+
+
+def card_base_model(folder: str | Path) -> str | None:
+    """The ``base_model`` an exported folder's card names (its config no longer holds the original path)."""
+    from huggingface_hub import ModelCard
+
+    card = Path(folder) / "README.md"
+    return ModelCard.load(card).data.get("base_model") if card.exists() else None
 
 
 PATH_SETTINGS = ("output_dir", "train_file", "eval_data_dir", "model_name_or_path", "data_root")
@@ -96,7 +116,8 @@ def export_text_model(
 
     ``path`` must be new, empty, or (with ``overwrite``) an earlier export of ours: nothing else is ever replaced.
     """
-    metadata = {"pooler": encoder.pooler}
+    with encoder.published():
+        metadata = {"pooler": encoder.pooler}  # as published: cls_before_pooler where the MLP was training only
     with write_folder_atomically(path, overwrite, metadata) as out:
         encoder.save(str(out), create_model_card=False)
         if summary is not None:
@@ -111,10 +132,7 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
     from sentence_transformers.base.model_card import generate_model_card
     from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
 
-    from .models.text import PACKAGED_MODELS
-
     config = summary.config
-    base_model = PACKAGED_MODELS.get(config.get("model_name_or_path"), config.get("model_name_or_path"))
     card = SentenceTransformerModelCardData(
         language=config.get("language") or "en",
         license=config.get("license"),
@@ -124,15 +142,15 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
         local_files_only=True,  # no hub look-ups while writing a card
         generate_widget_examples=False,
     )
-    if base_model and not base_model.startswith(("package:", "/", ".")):
-        card.base_model = base_model
+    card.base_model = summary.base_model
     for evaluator, metrics in _sts_evaluation_results(summary.results, summary.split):
         card.set_evaluation_metrics(evaluator, metrics, step=summary.steps or 0)
     kept = encoder.model_card_data
     card.register_model(encoder)
     encoder.model_card_data = card
     try:
-        text = generate_model_card(encoder)
+        with encoder.published():  # the card describes the saved pipeline, not the training one
+            text = generate_model_card(encoder)
     finally:
         encoder.model_card_data = kept
     rows = [f"| pooler | `{config.get('pooler') or encoder.pooler}` (mlp_only_train: {config.get('mlp_only_train')}) |",

