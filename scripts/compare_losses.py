@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 
 from simcse_flat.cli import quiet_transformers, run_cli
-from simcse_flat.config import RunConfig, parse_config
-from simcse_flat.evaluation import TASK_NAMES, StsTask, evaluate_sts, load_sts_tasks
-from simcse_flat.evaluation.sts import SENTEVAL_SUBSETS
+from simcse_flat.config import parse_config
+from simcse_flat.evaluation import TASK_NAMES, StsTask, load_sts_tasks
+from simcse_flat.modalities import final_model_scores, primary_metric, untrained_scores
 from simcse_flat.run_folder import read_log
 from simcse_flat.trainer import train_from_config
 
@@ -63,55 +63,14 @@ def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | Non
         "steps": result.state.step,
         "seconds": training_seconds(train_rows),
     }
-    if config.model.modality == "vision":
-        row.update(linear_probe(config, result.final_model, **probe))
-    elif test_tasks:
-        row["test"] = sts_test(result.final_model, test_tasks)["avg_spearman"]
+    row.update(final_model_scores(config, result.final_model, probe, test_tasks))
     return row
-
-
-def primary_metric(config: RunConfig) -> str:
-    """The headline the run's evaluator reports as ``primary_metric`` (``log.jsonl`` keeps numbers only, not that
-    name): kNN accuracy for vision, the one STS task's headline or ``avg_spearman`` for several (``evaluate_sts``)."""
-    if config.model.modality == "vision":
-        return "knn_accuracy"
-    tasks = config.training.eval_tasks
-    if len(tasks) > 1:
-        return "avg_spearman"
-    return f"{tasks[0]}_all_spearman" if tasks[0] in SENTEVAL_SUBSETS else f"{tasks[0]}_spearman"
 
 
 def training_seconds(train_rows: list[dict]) -> float:
     """Wall time of the logged steps (each row's seconds per step over the steps since the row before)."""
     steps = [0] + [row["step"] for row in train_rows]
     return sum(row["seconds_per_step"] * (step - before) for row, step, before in zip(train_rows, steps[1:], steps))
-
-
-def sts_test(model: Path, tasks: list[StsTask]) -> dict:
-    """STS ``tasks`` of a text ``model`` folder, as ``evaluate_sts.py`` scores them (untruncated)."""
-    import torch
-
-    from simcse_flat.models.text import SentenceEncoder
-
-    encoder = SentenceEncoder.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.max_seq_length = encoder.longest_input
-    return evaluate_sts(encoder.encode, tasks, batch_size=128)
-
-
-def linear_probe(config: RunConfig, model: Path | None, max_train: int, max_test: int) -> dict:
-    """Linear probe and kNN accuracy of a vision ``model`` folder; ``None``: the same architecture untrained."""
-    import torch
-
-    from simcse_flat.models.vision import VisionEncoder
-    from simcse_flat.vision import evaluate_encoder, load_encoder, model_config
-
-    torch.manual_seed(config.training.seed)
-    encoder = VisionEncoder(model_config(config.vision)) if model is None else load_encoder(model)
-    args = config.vision
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    scores = evaluate_encoder(encoder, args.vision_dataset, args.data_root, download=args.download,
-                              max_train=max_train, max_test=max_test, device=device)  # fmt: skip
-    return {"linear": scores["linear_accuracy"], "knn": scores["knn_accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -133,8 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # read (and checked) before any training, so a bad folder fails now rather than after the first run
     test_tasks = load_sts_tasks(args.test_tasks, args.test_data_dir, "test") if args.test_data_dir else None
     baseline = parse_config(["--config", args.config, *extra])
-    vision = baseline.model.modality == "vision"
-    rows = [{"run": "untrained", **linear_probe(baseline, None, **probe)}] if vision else []
+    untrained = untrained_scores(baseline, probe)
+    rows = [{"run": "untrained", **untrained}] if untrained is not None else []
     rows += [
         run_one(args.config, loss, batch, seed, Path(args.output_dir), extra, probe, test_tasks)
         for batch in args.batch_sizes

@@ -1,11 +1,13 @@
 """Export a trained model as a publishable sentence-transformers folder, with a model card.
 
     python scripts/export_model.py runs/x/best out/my-model
-    python scripts/export_model.py runs/x/checkpoints/checkpoint-00000500 out/my-model --sts_results results.json
+    python scripts/export_model.py runs/x/checkpoint-500 out/my-model --sts_results results.json
     python scripts/export_model.py runs/x/best out/my-model --push_to_hub user/name [--private]
 
 SOURCE is a model folder written by training (``final/``, ``best/``) or a checkpoint folder. ``--sts_results`` is
-the JSON written by ``evaluate_sts.py --output``; its table goes into the card.
+the JSON written by ``evaluate_sts.py --output``; its figures go into the card's
+evaluation results (the hub shows them). ``--push_to_hub`` uploads the folder with sentence-transformers' own
+``push_to_hub``.
 
 DESTINATION must be a new or empty folder, or an earlier export (replaced only with ``--overwrite``): a folder
 holding anything else is refused untouched, before the model is read.
@@ -16,17 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-import yaml
+from pathlib import Path
 
 from simcse_flat.cli import run_cli
 from simcse_flat.export import (
-    embeddings_match,
+    RunSummary,
+    card_base_model,
+    export_text_model,
+    hub_id_of,
     load_trained_encoder,
-    model_card,
     portable_config,
     push_to_hub,
-    save_sentence_transformers_folder,
 )
 from simcse_flat.losses import loss_class
 from simcse_flat.run_folder import check_destination
@@ -36,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source")
     parser.add_argument("destination")
-    parser.add_argument("--sts_results", help="JSON from evaluate_sts.py --output, for the card's table")
+    parser.add_argument("--sts_results", help="JSON from evaluate_sts.py --output, for the card's evaluation results")
     parser.add_argument("--data_license", help="licence of the training data, for the card")
     parser.add_argument("--push_to_hub", metavar="REPO_ID")
     parser.add_argument("--private", action="store_true")
@@ -45,33 +47,22 @@ def main() -> None:
 
     check_destination(args.destination, args.overwrite)  # before minutes of loading
     encoder, config = load_trained_encoder(args.source)
-    config = portable_config(config) if config else config
-    loss_name = config.get("loss", "infonce")
-    loss_config = {"loss": loss_name, "temperature": config.get("temperature"), "hard_negative_weight": config.get("hard_negative_weight")}
-    card = model_card(
-        base_model=config.get("model_name_or_path", "unknown"),
-        loss_config=loss_config,
-        config=config,
-        sts_table=_sts_table(args.sts_results) if args.sts_results else None,
-        command="accelerate launch train.py --config training_config.yaml" if config else None,
-        train_data=config.get("train_file"),
-        data_license=args.data_license or config.get("data_license"),
-        citation=loss_class(loss_name).citation,
-    )
-    training_config = yaml.safe_dump(config, sort_keys=False) if config else None
-    path = save_sentence_transformers_folder(
-        encoder, args.destination, model_card=card, training_config=training_config, overwrite=args.overwrite
-    )
-    gap = embeddings_match(encoder, path, ["A sentence to check the export.", "Another one."])
-    print(f"wrote {path} (sentence-transformers reproduces the embeddings to {gap:.1e})")
+    summary = None
+    if config:
+        # a checkpoint's config.yaml names the base model as trained from; a model folder's card names its hub id
+        base_model = card_base_model(args.source) if (Path(args.source) / "modules.json").exists() else hub_id_of(
+            config.get("model_name_or_path"))  # fmt: skip
+        config = portable_config({**config, "data_license": args.data_license or config.get("data_license")})
+        loss_name = config.get("loss", "infonce")
+        loss = {"loss": loss_name, "temperature": config.get("temperature"),
+                "hard_negative_weight": config.get("hard_negative_weight")}  # fmt: skip
+        sts = json.loads(open(args.sts_results).read()) if args.sts_results else {}
+        summary = RunSummary(config, loss, loss_class(loss_name).citation, results=sts.get("results"),
+                             split=sts.get("settings", {}).get("split"), base_model=base_model)  # fmt: skip
+    path = export_text_model(encoder, args.destination, overwrite=args.overwrite, summary=summary)
+    print(f"wrote {path}")
     if args.push_to_hub:
-        print(f"pushed: {push_to_hub(path, args.push_to_hub, private=args.private)}")
-
-
-def _sts_table(results_file: str) -> str:
-    from simcse_flat.evaluation.sts import format_sts_table
-
-    return format_sts_table(json.loads(open(results_file).read()))
+        print(f"pushed: {push_to_hub(encoder, path, args.push_to_hub, private=args.private)}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Score a vision encoder: linear probe + kNN on frozen features (default), or full fine-tuning.
 
     python scripts/linear_eval.py runs/fmnist/final --data_root ../shared/data/vision/fashion-mnist
-    python scripts/linear_eval.py runs/fmnist/checkpoints/checkpoint-00000300 --output results.json
+    python scripts/linear_eval.py runs/fmnist/checkpoint-300 --output results.json
     python scripts/linear_eval.py runs/fmnist/final --random_init        # the same architecture, untrained
     python scripts/linear_eval.py runs/fmnist/final --transfer_mode finetune --finetune_epochs 5
 
-MODEL is a trained model folder (``final/``, ``best/``) or a training checkpoint (``checkpoints/checkpoint-N``).
+MODEL is a trained model folder (``final/``, ``best/``) or a training checkpoint (``checkpoint-N``).
 ``--dataset`` defaults to what the model was trained on. Prints a table; ``--output`` also writes it as JSON.
 """
 

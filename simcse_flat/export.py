@@ -1,192 +1,84 @@
-"""Model folders users can publish: sentence-transformers layout, a model card, optional push to the hub.
+"""Publishing a trained model: what a run says about itself, and the text model's folder, card and hub upload.
 
-The folder is written by sentence-transformers' own modules (``Transformer`` → ``Pooling`` → ``Dense`` + tanh where
-the MLP head is kept → ``Normalize`` where the source model had it; ``avg_first_last`` puts a
-``WeightedLayerPooling`` with weight 1 on the first and last layers before a mean ``Pooling``), so
-``SentenceTransformer(path)`` loads it and gives the trainer's embeddings; :meth:`SentenceEncoder.from_pretrained`
-reads it back.
+A folder is written by the library that defines its format: the text model by sentence-transformers' own ``save``
+and model card machinery (``SentenceTransformerModelCardData``: language, licence, datasets, base model, and the STS
+results as evaluation results in the card's metadata, so the hub shows them); the vision model by
+:meth:`simcse_flat.models.vision.VisionEncoder.save_pretrained`. Both go through
+:func:`~simcse_flat.run_folder.write_folder_atomically` (never over files we did not write) and both carry the
+run's :class:`RunSummary` the same way: ``training_config.yaml``, ``eval_results.json`` and a "Reproduce" section.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+import yaml
 
 from .run_folder import write_folder_atomically
 
 if TYPE_CHECKING:
     from .models.text import SentenceEncoder
 
-try:  # sentence-transformers >= 6 moved the modules; older releases only have the old path
-    from sentence_transformers.sentence_transformer.modules import (
-        Dense,
-        Normalize,
-        Pooling,
-        Transformer,
-        WeightedLayerPooling,
-    )
-except ImportError:  # pragma: no cover - depends on the installed release
-    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer, WeightedLayerPooling
+REPRODUCE = "accelerate launch train.py --config training_config.yaml"
 
 
-def sentence_transformers_modules(encoder: "SentenceEncoder", backbone_dir: str) -> list[nn.Module]:
-    """The sentence-transformers pipeline equivalent to ``encoder`` in inference mode."""
-    dim = encoder.embedding_dim
-    if encoder.pooler == "avg_first_last":
-        # the backbone hands every layer on (output_hidden_states, saved in its config.json), then
-        # WeightedLayerPooling averages layers 1.. with weight 1 on the first and the last (SimCSE's "first" is
-        # the first transformer layer, not the embeddings), then a masked mean over tokens, as our pooler does
-        transformer = Transformer(
-            backbone_dir, max_seq_length=encoder.max_seq_length, config_kwargs={"output_hidden_states": True}
-        )
-        return [transformer, first_last_layer_pooling(dim, encoder.backbone.config.num_hidden_layers),
-                Pooling(dim, pooling_mode="mean")]  # fmt: skip
-    transformer = Transformer(backbone_dir, max_seq_length=encoder.max_seq_length)
-    modules: list[nn.Module] = [transformer, Pooling(dim, pooling_mode="mean" if encoder.pooler == "mean" else "cls")]
-    if encoder.pooler == "cls" and not encoder.mlp_only_train:
-        dense = Dense(dim, dim, bias=True, activation_function=nn.Tanh())
-        dense.linear.load_state_dict(encoder.mlp.dense.state_dict())
-        modules.append(dense)
-    if encoder.normalize:
-        modules.append(Normalize())
-    return modules
+@dataclass
+class RunSummary:
+    """What a published model says about the run that made it."""
+
+    config: dict  # the run's settings, portable (:func:`portable_config`)
+    loss: dict = field(default_factory=dict)  # the loss's ``get_config_dict()``
+    citation: str = ""
+    steps: int | None = None
+    results: dict | None = None  # the evaluator's figures at ``steps``
+    split: str | None = None  # the split ``results`` were computed on
+    base_model: str | None = None  # the hub id the run started from (:func:`hub_id_of`), None for a local folder
+
+    def files(self) -> dict[str, str]:
+        """``training_config.yaml`` (what "Reproduce" runs) and, with results, ``eval_results.json``."""
+        files = {"training_config.yaml": yaml.safe_dump(self.config, sort_keys=False)}
+        if self.results is not None:
+            files["eval_results.json"] = json.dumps({"step": self.steps, **self.results})
+        return files
+
+    def section(self, rows: list[str]) -> str:
+        """The card's markdown about the run: a settings table (the modality's ``rows`` among them), the command
+        that reproduces it, and the loss's citation."""
+        config = self.config
+        lines = ["## Training with simcse_flat", "", "| setting | value |", "|---|---|",
+                 *(f"| {k} | `{v}` |" for k, v in self.loss.items()), *rows,
+                 f"| batch size per device | {config.get('per_device_train_batch_size')} |",
+                 f"| gradient accumulation | {config.get('gradient_accumulation_steps')} |",
+                 f"| learning rate | {config.get('learning_rate')} |",
+                 f"| optimizer steps | {self.steps} |",
+                 f"| data licence | {config.get('data_license') or 'see the data source'} |", "",
+                 "### Reproduce", "", "```", REPRODUCE, "```", ""]  # fmt: skip
+        if self.citation:
+            lines += ["### Citation", "", "```bibtex", self.citation.strip(), "```", ""]
+        return "\n".join(lines)
 
 
-def first_last_layer_pooling(dim: int, num_layers: int) -> nn.Module:
-    """``WeightedLayerPooling`` over layers ``1..num_layers`` giving ``(h_1 + h_L) / 2`` (a parameter, so it is saved)."""
-    weights = torch.zeros(num_layers)
-    weights[[0, -1]] = 1.0
-    return WeightedLayerPooling(dim, num_hidden_layers=num_layers, layer_start=1, layer_weights=nn.Parameter(weights))
-
-
-def save_sentence_transformers_folder(
-    encoder: "SentenceEncoder",
-    path: str | Path,
-    model_card: str | None = None,
-    training_config: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``encoder`` as a sentence-transformers folder at ``path``, atomically.
-
-    ``path`` must be new, empty, or (with ``overwrite``) an earlier export of ours: nothing else is ever replaced
-    (:func:`~simcse_flat.run_folder.write_folder_atomically`). ``training_config`` (the run's resolved yaml) is
-    stored as ``training_config.yaml``: with it, ``accelerate launch train.py --config training_config.yaml``
-    reproduces the run.
-    """
-    from sentence_transformers import SentenceTransformer
-
-    metadata = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train}
-    with write_folder_atomically(path, overwrite, metadata) as out, tempfile.TemporaryDirectory() as backbone_dir:
-        encoder.backbone.save_pretrained(backbone_dir)
-        encoder.tokenizer.save_pretrained(backbone_dir)
-        model = SentenceTransformer(modules=sentence_transformers_modules(encoder, backbone_dir), device="cpu")
-        model.save(str(out), create_model_card=False)
-        if model_card is not None:
-            (out / "README.md").write_text(model_card)
-        if training_config is not None:
-            (out / "training_config.yaml").write_text(training_config)
-    return Path(path)
-
-
-def model_card(
-    *,
-    base_model: str,
-    loss_config: dict,
-    config: dict,
-    sts_table: str | None = None,
-    command: str | None = None,
-    train_data: str | None = None,
-    data_license: str | None = None,
-    steps: int | None = None,
-    citation: str = "",
-    modality: str = "text",
-) -> str:
-    """A README.md with the hub's metadata header: what was trained, on what, how, and how well."""
-    text = modality == "text"
-    header = {
-        "library_name": "sentence-transformers" if text else "pytorch",
-        "pipeline_tag": "sentence-similarity" if text else "image-feature-extraction",
-        "tags": [*(["sentence-transformers", "sentence-similarity"] if text else ["simclr", "vision"]),
-                 "simcse_flat", str(loss_config.get("loss", ""))],
-    }  # fmt: skip
+def hub_id_of(name: str | None) -> str | None:
+    """The hub id a base model is known by (a pip-packaged model's, or the name itself); ``None`` for a folder."""
     from .models.text import PACKAGED_MODELS
 
-    base_model = PACKAGED_MODELS.get(base_model, base_model)
-    if text and base_model and not base_model.startswith(("package:", "/", ".")):
-        header["base_model"] = base_model
-    lines = ["---", *(_yaml_line(k, v) for k, v in header.items()), "---", ""]
-    lines += [
-        f"# {Path(config.get('output_dir', 'model')).name} (simcse_flat)",
-        "",
-        f"A{' sentence' if text else 'n image'}-embedding model trained with simcse_flat "
-        f"using the **{loss_config.get('loss')}** contrastive loss.",
-        "",
-        "## Training",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| base model | `{base_model}` |",
-        *(f"| {k} | `{v}` |" for k, v in loss_config.items()),
-        *(_text_rows(config) if text else _vision_rows(config)),
-        f"| batch size per device | {config.get('per_device_train_batch_size')} |",
-        f"| gradient accumulation | {config.get('gradient_accumulation_steps')} |",
-        f"| learning rate | {config.get('learning_rate')} |",
-        f"| optimizer steps | {steps} |",
-        f"| training data | `{_names(train_data or (config.get('train_file') if text else config.get('vision_dataset')))}` |",
-        f"| data licence | {data_license or 'see the data source'} |",
-        "",
-    ]
-    if sts_table:
-        title = "Evaluation (Spearman × 100, cosine)" if text else "Evaluation"
-        lines += [f"## {title}", "", "```", sts_table.rstrip(), "```", ""]
-    lines += ["## Usage", "", "```python", *(_TEXT_USAGE if text else _VISION_USAGE), "```", ""]
-    if command:
-        lines += ["## Reproduce", "", "```", command, "```", ""]
-    if citation:
-        lines += ["## Citation", "", "```bibtex", citation.strip(), "```", ""]
-    return "\n".join(lines)
+    if not name or name in PACKAGED_MODELS:
+        return PACKAGED_MODELS.get(name) if name else None
+    if name.startswith(("package:", "/", ".", "~")) or os.path.exists(os.path.expanduser(name)):
+        return None
+    return name
 
 
-_TEXT_USAGE = [
-    "from sentence_transformers import SentenceTransformer",
-    "model = SentenceTransformer('PATH_OR_HUB_ID')",
-    "embeddings = model.encode(['A man is playing a guitar.', 'Someone plays an instrument.'])",
-]
-_VISION_USAGE = [
-    "from simcse_flat.vision import load_encoder",
-    "encoder = load_encoder('PATH')  # pip install 'simcse_flat[vision]'",
-    "features = encoder.encode(images)  # (N, D) representations, taken before the projection head",
-]
+def card_base_model(folder: str | Path) -> str | None:
+    """The ``base_model`` an exported folder's card names (its config no longer holds the original path)."""
+    from huggingface_hub import ModelCard
 
-
-def _text_rows(config: dict) -> list[str]:
-    return [
-        f"| pooler | `{config.get('pooler')}` (mlp_only_train: {config.get('mlp_only_train')}) |",
-        f"| max sequence length (training) | {config.get('max_seq_length')} |",
-    ]
-
-
-def _vision_rows(config: dict) -> list[str]:
-    return [
-        f"| encoder | `{config.get('arch')}` (CIFAR stem: {config.get('cifar_stem')}) |",
-        f"| image size | {config.get('image_size')} |",
-        f"| optimizer | `{config.get('optim')}` (lr scaling: {config.get('lr_scaling')}) |",
-    ]
-
-
-def _names(value) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def _yaml_line(key: str, value) -> str:
-    if isinstance(value, list):
-        return f"{key}:\n" + "\n".join(f"- {v}" for v in value)
-    return f"{key}: {value}"
+    card = Path(folder) / "README.md"
+    return ModelCard.load(card).data.get("base_model") if card.exists() else None
 
 
 PATH_SETTINGS = ("output_dir", "train_file", "eval_data_dir", "model_name_or_path", "data_root")
@@ -196,7 +88,7 @@ def portable_config(config: dict) -> dict:
     """The run's settings as they travel with a published model: no absolute path of the training machine (one under
     the working folder becomes relative to it, any other keeps its last part; ``output_dir`` becomes
     ``runs/NAME``), and nothing about how that run was resumed."""
-    portable = {**config, "resume_from": None, "overwrite_output_dir": False}
+    portable = {**config, "resume_from_checkpoint": None, "overwrite_output_dir": False}
     if "ignore_rng_state" in portable:
         portable["ignore_rng_state"] = False
     for key in PATH_SETTINGS:
@@ -217,32 +109,88 @@ def _portable_path(key: str, value: str) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else path.name
 
 
-def push_to_hub(path: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a saved folder with ``huggingface_hub`` (the one network call; tests replace it)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message="Upload simcse_flat model")
-    return str(getattr(info, "commit_url", info))
+# ---- the text model -------------------------------------------------------------------------------------------------
 
 
-def embeddings_match(encoder: "SentenceEncoder", path: str | Path, sentences: list[str]) -> float:
-    """Largest absolute difference between ``encoder.encode`` and ``SentenceTransformer(path).encode``."""
-    from sentence_transformers import SentenceTransformer
+def export_text_model(
+    encoder: "SentenceEncoder", path: str | Path, overwrite: bool = False, summary: RunSummary | None = None
+) -> Path:
+    """Write ``encoder`` with sentence-transformers' ``save`` at ``path``, atomically; with ``summary``, its model
+    card (sentence-transformers' own, evaluation results in the metadata, plus the run's section) and files.
 
-    ours = encoder.encode(sentences)
-    theirs = torch.as_tensor(SentenceTransformer(str(path), device="cpu").encode(sentences, convert_to_numpy=True))
-    return (ours - theirs).abs().max().item()
+    ``path`` must be new, empty, or (with ``overwrite``) an earlier export of ours: nothing else is ever replaced.
+    """
+    with encoder.published():
+        metadata = {"pooler": encoder.pooler}  # as published: cls_before_pooler where the MLP was training only
+    with write_folder_atomically(path, overwrite, metadata) as out:
+        encoder.save(str(out), create_model_card=False)
+        if summary is not None:
+            (out / "README.md").write_text(text_model_card(encoder, summary))
+            for name, text in summary.files().items():
+                (out / name).write_text(text)
+    return Path(path)
+
+
+def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
+    """sentence-transformers' model card for ``encoder`` with the run's facts, and simcse_flat's section after it."""
+    from sentence_transformers.base.model_card import generate_model_card
+    from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
+
+    config = summary.config
+    card = SentenceTransformerModelCardData(
+        language=config.get("language") or "en",
+        license=config.get("license"),
+        model_name=f"{Path(config.get('output_dir', 'model')).name} (simcse_flat, {summary.loss.get('loss')})",
+        tags=["sentence-transformers", "sentence-similarity", "feature-extraction", "simcse_flat",
+              str(summary.loss.get("loss", ""))],  # fmt: skip
+        local_files_only=True,  # no hub look-ups while writing a card
+        generate_widget_examples=False,
+    )
+    card.base_model = summary.base_model
+    for evaluator, metrics in _sts_evaluation_results(summary.results, summary.split):
+        card.set_evaluation_metrics(evaluator, metrics, step=summary.steps or 0)
+    kept = encoder.model_card_data
+    card.register_model(encoder)
+    encoder.model_card_data = card
+    try:
+        with encoder.published():  # the card describes the saved pipeline, not the training one
+            text = generate_model_card(encoder)
+    finally:
+        encoder.model_card_data = kept
+    rows = [f"| pooler | `{config.get('pooler') or encoder.pooler}` (mlp_only_train: {config.get('mlp_only_train')}) |",
+            f"| max sequence length (training) | {config.get('max_seq_length')} |",
+            f"| training data | `{_names(config.get('train_file'))}` |"]  # fmt: skip
+    return text.rstrip() + "\n\n" + summary.section(rows)
+
+
+def _names(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _sts_evaluation_results(results: dict | None, split: str | None):
+    """Each STS task of ``results`` (:func:`simcse_flat.evaluation.evaluate_sts`) as sentence-transformers' trainer
+    reports it: an ``EmbeddingSimilarityEvaluator`` named ``{task}-{split}`` and its ``spearman_cosine`` (0-1)."""
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    tasks = [key.removesuffix("_n_pairs") for key in (results or {}) if key.endswith("_n_pairs")]
+    for task in tasks:
+        value = results.get(f"{task}_all_spearman", results.get(f"{task}_spearman"))
+        name = f"{task}-{split}" if split else task
+        evaluator = EmbeddingSimilarityEvaluator([], [], [], similarity_fn_names=["cosine"], name=name, write_csv=False)
+        yield evaluator, {f"{name}_spearman_cosine": value / 100}
+
+
+def push_to_hub(encoder: "SentenceEncoder", path: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder (card and files as written) with sentence-transformers' own ``push_to_hub``."""
+    return encoder.push_to_hub(repo_id, private=private, local_model_path=str(path), exist_ok=True)
 
 
 def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
-    """A trained encoder from a model folder (``final/``, ``best/``) or a checkpoint folder, and its run config.
+    """A trained text encoder from a model folder (``final/``, ``best/``) or a checkpoint folder, and its run config.
 
-    A checkpoint (``checkpoints/checkpoint-N``) holds accelerate's ``model.safetensors`` (the whole encoder's state
-    dict) beside ``config.yaml``; the encoder is rebuilt from the config's base model, then loaded.
+    A checkpoint holds the training model's ``model.safetensors`` beside ``config.yaml``; the encoder is rebuilt
+    from the config's base model and pooler, then loaded.
     """
-    import yaml
     from safetensors.torch import load_model
 
     from .models.text import ModelLoadError, SentenceEncoder
@@ -256,9 +204,7 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
         raise ModelLoadError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text())
     encoder = SentenceEncoder.from_pretrained(
-        config["model_name_or_path"],
-        pooler=config["pooler"],
-        mlp_only_train=config["mlp_only_train"],
+        config["model_name_or_path"], pooler=config["pooler"], mlp_only_train=config["mlp_only_train"]
     )
     load_model(encoder, str(path / "model.safetensors"))  # as the checkpoint wrote it (tied weights stored once)
     return encoder, config

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .config import TrainingArguments
+from .config import TrainerArguments
 
 MOMENTUM = 0.9  # SimCLR, FlatCLR and MoCo all use 0.9 for SGD and LARS
 
@@ -35,7 +35,7 @@ def scaled_learning_rate(base_lr: float, global_batch: int, scaling: str) -> flo
 
 
 def build_optimizer(
-    groups: list[dict], args: TrainingArguments, device: torch.device, global_batch: int
+    groups: list[dict], args: TrainerArguments, device: torch.device, global_batch: int
 ) -> torch.optim.Optimizer:
     """The optimizer ``args.optim`` names, over parameter groups that carry their own ``weight_decay``."""
     lr = scaled_learning_rate(args.learning_rate, global_batch, args.lr_scaling)

@@ -1,6 +1,6 @@
 """The folders simcse_flat writes, and the rule behind all of them: never delete what the project did not write.
 
-* A **run folder** (``output_dir``) belongs to one run: ``checkpoints/``, ``log.jsonl``, ``best/``, ``final/``,
+* A **run folder** (``output_dir``) belongs to one run: ``checkpoint-N/``, ``log.jsonl``, ``best/``, ``final/``,
   ``logs/`` and ``config.yaml`` hold that run only. :func:`preflight_output_dir` checks it can be written (and has
   room for a checkpoint) before anything heavy loads; :class:`RunLock` keeps a second job out while one runs;
   :func:`check_earlier_run` refuses to start over an earlier run unless told to; :func:`start_run_folder` clears
@@ -15,17 +15,19 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-CHECKPOINT_DIR = "checkpoints"
+LEGACY_CHECKPOINT_DIR = "checkpoints"  # where releases before transformers' layout put checkpoint-00000500
+CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+(\.tmp)?$")  # OUTPUT/checkpoint-500, as transformers' Trainer
 LOG_FILE = "log.jsonl"
 LOCK_FILE = ".simcse_flat.lock"
-RUN_OUTPUTS = (CHECKPOINT_DIR, LOG_FILE, "best", "final", "logs", "config.yaml")  # what the trainer writes
-RESULTS = (CHECKPOINT_DIR, "best", "final")  # what a user would lose: a run that has none of these left nothing
+RUN_OUTPUTS = (LEGACY_CHECKPOINT_DIR, LOG_FILE, "best", "final", "logs", "config.yaml")  # what the trainer writes
+RESULTS = (LEGACY_CHECKPOINT_DIR, "best", "final")  # what a user would lose: a run that has none of these left nothing
 EXPORT_MARKER = "simcse_flat.json"  # in every exported folder; its "files" lists what we wrote there
 
 
@@ -107,7 +109,9 @@ class RunLock:
 
 def earlier_run(output_dir: str | Path) -> list[str]:
     """The names of what an earlier run left in ``output_dir`` (empty if none)."""
-    return [name for name in RUN_OUTPUTS if (Path(output_dir) / name).exists()]
+    folder = Path(output_dir)
+    checkpoints = sorted(p.name for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name)) if folder.is_dir() else []
+    return [name for name in RUN_OUTPUTS if (folder / name).exists()] + checkpoints
 
 
 def check_earlier_run(output_dir: str | Path, resume_from: str | None, overwrite: bool) -> None:
@@ -116,9 +120,9 @@ def check_earlier_run(output_dir: str | Path, resume_from: str | None, overwrite
     checkpoint left nothing to resume and no model (a config and perhaps a few log rows): starting over it is
     allowed."""
     found = earlier_run(output_dir)
-    if any(name in RESULTS for name in found) and not resume_from and not overwrite:
+    if any(name in RESULTS or CHECKPOINT_NAME.match(name) for name in found) and not resume_from and not overwrite:
         raise RunFolderError(
-            f"output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with --resume_from "
+            f"output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with --resume_from_checkpoint "
             "latest, start over with --overwrite_output_dir (deletes those), or choose another output_dir"
         )
 

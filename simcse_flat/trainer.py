@@ -42,15 +42,14 @@ from .cli import USER_ERRORS, TrainingDiverged
 from .config import RunConfig
 from .data.batching import SourceBatchSampler
 from .data.text import DataError
-from .export import model_card, portable_config
+from .export import RunSummary, hub_id_of, portable_config
 from .grad_cache import GradCache
 from .losses import build_loss
-from .modalities import build_parts
+from .modalities import build_parts, expected_weights_bytes
 from .optim import build_optimizer
 from .run_folder import (
     LOG_FILE,
     RunLock,
-    add_files_to_export,
     check_earlier_run,
     preflight_output_dir,
     start_run_folder,
@@ -90,8 +89,9 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     on_main(accelerator, lambda: _claim_output_dir(config, lock))
 
     # ---- model, data, loss --------------------------------------------------------------------------------------
-    parts = build_parts(config)
+    parts = build_parts(config, evaluate=evaluator is None)  # the caller's evaluator, else the modality's
     encoder, dataset = parts.model, parts.dataset
+    evaluator = evaluator if evaluator is not None else parts.evaluator
     world_batch = args.per_device_train_batch_size * accelerator.num_processes
     sizes = parts.source_sizes or [len(dataset)]
     for name, size in zip(config.data.train_file if parts.source_sizes else ["the data"], sizes):
@@ -126,10 +126,10 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     trainables = Trainables(accelerator.unwrap_model(encoder), optimizer, scheduler, loss_fn, accelerator.scaler)
 
     state = TrainState()
-    if args.resume_from:
+    if args.resume_from_checkpoint:
         # checked on the main process (checksums of every file), the choice shared with the others
         path, skipped = on_main(accelerator, lambda: find_checkpoint(
-            args.resume_from, output_dir, accelerator.num_processes, args.ignore_rng_state))  # fmt: skip
+            args.resume_from_checkpoint, output_dir, accelerator.num_processes, args.ignore_rng_state))  # fmt: skip
         for line in skipped:
             accelerator.print(f"warning: {line}")
         if path is not None:
@@ -162,6 +162,10 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     encode = cache.encode if cache is not None else lambda inputs: encoder(**inputs)
     encode_samples = _sample_encoder(encode, parts, accelerator.device) if _refreshes_chains(config) else None
     evaluating = evaluator is not None and args.eval_steps > 0
+
+    def export_best(model, results: dict) -> None:  # best/: the weights and the card of its own evaluation
+        parts.export(model, output_dir / "best", overwrite=True, summary=_run_summary(config, loss_fn, state.step, results))
+
     last_eval: dict | None = None
     if evaluating and state.step == 0:  # the starting point, for the before/after line; never "best"
         last_eval = _evaluate(accelerator, encoder, evaluator, None, state, output_dir, history)
@@ -212,7 +216,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                 progress.set_postfix(loss=f"{row['loss']:.4g}", infonce=f"{row['infonce']:.3g}")
             running.clear()
             if evaluating and (state.step % args.eval_steps == 0 or state.step == total_steps):
-                last_eval = _evaluate(accelerator, encoder, evaluator, parts.save_model, state, output_dir, history)
+                last_eval = _evaluate(accelerator, encoder, evaluator, export_best, state, output_dir, history)
             if args.save_steps > 0 and state.step % args.save_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
             if state.step >= total_steps:
@@ -226,11 +230,10 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     if checkpoint_path(output_dir, state.step) not in list_checkpoints(output_dir):
         save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
     final = output_dir / "final"
-    if accelerator.is_main_process:
-        table = _results_table(evaluator, last_eval)
-        _export(parts.save_model, accelerator.unwrap_model(encoder), final, config, loss_fn, state, table)
+    if accelerator.is_main_process:  # final/ is this run's own
+        summary = _run_summary(config, loss_fn, state.step, last_eval)
+        parts.export(accelerator.unwrap_model(encoder), final, overwrite=True, summary=summary)
         if evaluating and state.best_step is not None:
-            _write_best_card(output_dir / "best", config, loss_fn, evaluator)
             _print_before_after(accelerator, baseline, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -264,25 +267,10 @@ def on_main(accelerator: Accelerator, work: Callable[[], object]):
 
 def _claim_output_dir(config: RunConfig, lock: RunLock) -> None:
     args = config.training
-    preflight_output_dir(args.output_dir, _weights_bytes_on_disk(config))
+    weights = expected_weights_bytes(config)  # weights and two Adam moments; the exact check follows once built
+    preflight_output_dir(args.output_dir, 3 * weights if weights else None)
     lock.acquire()
-    check_earlier_run(args.output_dir, args.resume_from, args.overwrite_output_dir)
-
-
-def _weights_bytes_on_disk(config: RunConfig) -> int | None:
-    """A first guess at a checkpoint's size before the model loads: its weight files, three times over (weights and
-    two Adam moments); ``None`` for a model not on this disk. The exact check follows once the model is built."""
-    if config.model.modality != "text":
-        return None
-    from .models.text import resolve_model_path
-
-    try:
-        folder = Path(resolve_model_path(config.model.model_name_or_path))
-    except Exception:  # a hub id, or a package that is not installed: the loader reports it
-        return None
-    if not folder.is_dir():
-        return None
-    return 3 * sum(p.stat().st_size for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    check_earlier_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
 def _checkpoint_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module) -> int:
@@ -388,22 +376,22 @@ def _log(accelerator: Accelerator, output_dir: Path, history: list, row: dict) -
             handle.write(json.dumps(row) + "\n")
 
 
-def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, output_dir: Path, history: list) -> dict | None:
-    """Run the evaluator on the main process and keep ``best/`` (unless ``save_model`` is None: the baseline),
-    without touching the training RNG. Returns the results on the main process."""
+def _evaluate(accelerator, encoder, evaluator, export_best, state: TrainState, output_dir: Path, history: list) -> dict | None:
+    """Run the evaluator on the main process and keep ``best/`` (unless ``export_best`` is None: the baseline),
+    without touching the training RNG or the model's training mode. Returns the results on the main process."""
     results = None
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(encoder)
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        # evaluating and exporting (which builds a model, drawing random init weights) must not change training
+        was_training = model.training  # encoding (sentence-transformers' encode) leaves the model in eval mode
+        # evaluating and exporting (the card encodes examples) must not change training
         with torch.random.fork_rng(devices=devices):
             results = evaluator(model)
             metric = results[results["primary_metric"]]
-            if save_model is not None and (state.best_metric is None or metric > state.best_metric):
+            if export_best is not None and (state.best_metric is None or metric > state.best_metric):
                 state.best_metric, state.best_step = metric, state.step
-                save_model(model, output_dir / "best", overwrite=True)
-                scores = json.dumps({"step": state.step, **results})
-                add_files_to_export(output_dir / "best", {"eval_results.json": scores})
+                export_best(model, results)
+        model.train(was_training)
         row = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         _log(accelerator, output_dir, history, {"step": state.step, **row})
         accelerator.print(f"step {state.step}: {results['primary_metric']} = {metric:.2f}")
@@ -412,78 +400,19 @@ def _evaluate(accelerator, encoder, evaluator, save_model, state: TrainState, ou
     return results
 
 
-def _results_table(evaluator, results: dict | None) -> str | None:
-    """The evaluator's own table (``evaluator.format``, e.g. the STS table) or ``key  value`` lines."""
-    if results is None:
-        return None
-    if hasattr(evaluator, "format"):
-        return evaluator.format(results)
-    return "\n".join(f"{k:32s} {v:.4g}" for k, v in results.items() if isinstance(v, (int, float)))
-
-
-def _write_best_card(best: Path, config: RunConfig, loss_fn, evaluator) -> None:
-    """``best/`` was saved mid-run without a card; give it one with the figures of its own step."""
-    results = json.loads((best / "eval_results.json").read_text())
-    _write_card(best, config, loss_fn, results.pop("step"), _results_table(evaluator, results))
-
-
 def _print_before_after(accelerator, baseline: dict | None, state: TrainState) -> None:
     before = baseline[baseline["primary_metric"]] if baseline else None
     start = f"{before:.2f} before training -> " if before is not None else ""
     accelerator.print(f"{start}best {state.best_metric:.2f} at step {state.best_step} (saved in best/)")
 
 
-def _export(save_model, model, path: Path, config: RunConfig, loss_fn, state: TrainState, table: str | None) -> None:
-    save_model(model, path, overwrite=True)  # final/ is this run's own
-    _write_card(path, config, loss_fn, state.step, table)
-
-
-def _write_card(folder: Path, config: RunConfig, loss_fn, steps: int | None, table: str | None) -> None:
-    """The model card, and the resolved config its "Reproduce" command points at, with no path of this machine."""
-    portable = portable_config(config.to_dict())
-    add_files_to_export(folder, {
-        "README.md": _card(portable, config.model.modality, loss_fn, steps, table),
-        "training_config.yaml": yaml.safe_dump(portable, sort_keys=False),
-    })  # fmt: skip
-
-
-def _card(config: dict, modality: str, loss_fn, steps: int | None, table: str | None) -> str:
-    text = modality == "text"
-    return model_card(
-        base_model=config["model_name_or_path"] if text else f"{config['arch']}, random init",
-        loss_config=loss_fn.get_config_dict(),
-        config=config,
-        sts_table=table,
-        command="accelerate launch train.py --config training_config.yaml",
-        data_license=config["data_license"],
-        steps=steps,
-        modality=modality,
-        citation=loss_fn.citation,
-    )
-
-
-def sts_evaluator(config: RunConfig) -> Callable[[torch.nn.Module], dict]:
-    """The evaluator ``eval_steps`` uses: STS tasks of ``eval_tasks`` on ``eval_split`` (SimCSE: STS-B dev)."""
-    from .evaluation.sts import evaluate_sts, format_sts_table, load_sts_tasks
-
-    args = config.training
-    tasks = load_sts_tasks(args.eval_tasks, args.eval_data_dir, args.eval_split)  # read (and checked) once
-
-    def evaluate(encoder) -> dict:  # a SentenceEncoder
-        return evaluate_sts(encoder.encode, tasks=tasks)
-
-    evaluate.format = format_sts_table
-    return evaluate
+def _run_summary(config: RunConfig, loss_fn, steps: int, results: dict | None) -> RunSummary:
+    """What ``best/`` and ``final/`` say about this run (their cards, ``training_config.yaml``): no path of this machine."""
+    return RunSummary(portable_config(config.to_dict()), loss_fn.get_config_dict(), loss_fn.citation, steps, results,
+                      split=config.training.eval_split, base_model=hub_id_of(config.model.model_name_or_path))  # fmt: skip
 
 
 def train_from_config(config: RunConfig) -> TrainResult:
-    """``train`` with the evaluator ``eval_steps`` asks for (STS for text, kNN accuracy for vision): what
-    ``train.py`` runs."""
-    evaluator = None
-    if config.training.eval_steps > 0 and config.model.modality == "vision":
-        from .vision import knn_evaluator
-
-        evaluator = knn_evaluator(config)
-    elif config.training.eval_steps > 0:
-        evaluator = sts_evaluator(config)
-    return train(config, evaluator)
+    """What ``train.py`` runs: ``train`` with the modality's evaluator when ``eval_steps`` asks for one (STS for
+    text, kNN accuracy for vision)."""
+    return train(config)

@@ -5,7 +5,7 @@ projection head, two SimCLR augmentations of each image, and SimCLR's candidate 
 every view against both views of every other image, 2B-2 negatives, as NT-Xent and FlatCLR). Everything else
 (losses, gather, sampler, optimizer, checkpoints) is the text path's.
 :func:`load_encoder` and :func:`evaluate_encoder` serve ``scripts/linear_eval.py``; :func:`knn_evaluator` serves
-``eval_steps``. torchvision is imported here and below only.
+``eval_steps``; :func:`export_vision_model` writes ``best/`` and ``final/`` with their card. torchvision is imported here and below only.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from .data.vision import (
 )
 from .distributed import world_size
 from .evaluation.linear_probe import extract_features, finetune_accuracy, knn_accuracy, probe_scores
+from .export import RunSummary
 from .modalities import TrainingParts
 from .models.text import ModelLoadError
 from .models.vision import CONFIG_FILE, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
+from .run_folder import add_files_to_export
 
 TRANSFER_MODES = ("linear_eval", "finetune")
 
@@ -54,7 +56,7 @@ def model_config(args: VisionArguments) -> VisionModelConfig:
     )
 
 
-def vision_parts(config: RunConfig) -> TrainingParts:
+def vision_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
     """SimCLR: an untrained ResNet + head, two augmented views per image, a folder with safetensors + json."""
     args = config.vision
     encoder_config = model_config(args)
@@ -73,7 +75,8 @@ def vision_parts(config: RunConfig) -> TrainingParts:
         dataset=MultiViewDataset(images, augment),
         collate_fn=collate_views,
         collate_positives=collate_positive_view,
-        save_model=lambda model, path, overwrite=False: model.save_pretrained(path, overwrite),
+        export=export_vision_model,
+        evaluator=knn_evaluator(config) if evaluate and config.training.eval_steps > 0 else None,
         description=f"{len(images)} {args.vision_dataset} images, 2 views at {encoder_config.image_size} px, "
         f"{args.arch}{stem}",
         symmetric=True,
@@ -81,12 +84,55 @@ def vision_parts(config: RunConfig) -> TrainingParts:
     )
 
 
+def export_vision_model(model: nn.Module, path: str | Path, overwrite: bool = False,
+                        summary: RunSummary | None = None) -> Path:  # fmt: skip
+    """``vision_config.json`` + weights (atomically); with ``summary``, a model card (metadata written by
+    ``huggingface_hub``'s card classes) and the run's files."""
+    model.save_pretrained(path, overwrite)
+    if summary is not None:
+        add_files_to_export(path, {"README.md": vision_model_card(summary), **summary.files()})
+    return Path(path)
+
+
+def vision_model_card(summary: RunSummary) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config, loss = summary.config, summary.loss.get("loss", "")
+    data = ModelCardData(library_name="pytorch", pipeline_tag="image-feature-extraction",
+                         tags=["simclr", "vision", "simcse_flat", str(loss)], datasets=[config.get("vision_dataset")])  # fmt: skip
+    results = summary.results or {}
+    rows = [f"| encoder | `{config.get('arch')}` (CIFAR stem: {config.get('cifar_stem')}), random init |",
+            f"| image size | {config.get('image_size')} |",
+            f"| optimizer | `{config.get('optim')}` (lr scaling: {config.get('lr_scaling')}) |",
+            f"| training data | `{config.get('vision_dataset')}` |"]  # fmt: skip
+    body = [f"# {Path(config.get('output_dir', 'model')).name} (simcse_flat)", "",
+            f"An image-embedding model trained with simcse_flat using the **{loss}** contrastive loss.", "",
+            "## Usage", "", "```python", "from simcse_flat.vision import load_encoder",
+            "encoder = load_encoder('PATH')  # pip install 'simcse_flat[vision]'",
+            "features = encoder.encode(images)  # (N, D) representations, taken before the projection head", "```", "",
+            *(["## Evaluation", "", *(f"- {k}: {v:.4g}" for k, v in results.items() if isinstance(v, (int, float))), ""]
+              if results else []),
+            summary.section(rows)]  # fmt: skip
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))
+
+
+def linear_probe_scores(config: RunConfig, model: Path | None, max_train: int, max_test: int) -> dict:
+    """Linear probe and kNN accuracy of a vision ``model`` folder; ``None``: the same architecture untrained."""
+    torch.manual_seed(config.training.seed)
+    encoder = VisionEncoder(model_config(config.vision)) if model is None else load_encoder(model)
+    args = config.vision
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scores = evaluate_encoder(encoder, args.vision_dataset, args.data_root, download=args.download,
+                              max_train=max_train, max_test=max_test, device=device)  # fmt: skip
+    return {"linear": scores["linear_accuracy"], "knn": scores["knn_accuracy"]}
+
+
 # ---- trained encoders, read back ------------------------------------------------------------------------------------
 
 
 def load_encoder(path: str | Path, random_init: bool = False) -> VisionEncoder:
     """A trained encoder from a model folder (``final/``, ``best/``: ``vision_config.json`` + weights) or a training
-    checkpoint (``checkpoints/checkpoint-N``: accelerate's ``model.safetensors`` + the run's ``config.yaml``).
+    checkpoint (``checkpoint-N``: accelerate's ``model.safetensors`` + the run's ``config.yaml``).
 
     ``random_init`` builds the same architecture with fresh weights: the baseline a trained encoder must beat.
     """

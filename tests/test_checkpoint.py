@@ -33,13 +33,13 @@ def finished_run(tiny_bert, tmp_path_factory) -> tuple[Path, dict[int, float]]:
 def _copy(finished_run, tmp_path: Path) -> Path:
     """A copy of the finished run's folder as a run killed after step 5 would leave it (no checkpoint 6, no final)."""
     shutil.copytree(finished_run[0], tmp_path, dirs_exist_ok=True)
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-00000006")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
     shutil.rmtree(tmp_path / "run" / "final")
     return tmp_path / "run"
 
 
 def test_a_checkpoint_holds_only_safetensors_json_and_yaml(finished_run):
-    files = {p.name for p in (finished_run[0] / "run" / "checkpoints" / "checkpoint-00000004").iterdir()}
+    files = {p.name for p in (finished_run[0] / "run" / "checkpoint-4").iterdir()}
     assert {Path(name).suffix for name in files} == {".safetensors", ".json", ".yaml"}, files
     assert {"model.safetensors", "loss_state.safetensors", "rng_state_0.json", "manifest.json"} <= files
 
@@ -57,7 +57,7 @@ def test_the_package_never_unpickles():
 
 def test_resuming_unpickles_nothing_and_continues_exactly(finished_run, tiny_bert, tmp_path, monkeypatch):
     run = _copy(finished_run, tmp_path)
-    (run / "checkpoints" / "checkpoint-00000004" / "custom_checkpoint_0.pkl").write_bytes(_payload(tmp_path / "pwned"))
+    (run / "checkpoint-4" / "custom_checkpoint_0.pkl").write_bytes(_payload(tmp_path / "pwned"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("something was unpickled")
@@ -76,9 +76,22 @@ def test_resuming_unpickles_nothing_and_continues_exactly(finished_run, tiny_ber
         assert loss == pytest.approx(expected[step], abs=1e-6), step
 
 
+def test_a_run_in_the_earlier_layout_resumes_and_continues_in_transformers_layout(finished_run, tiny_bert, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints").mkdir()
+    for step in (2, 4):  # where earlier releases wrote them: OUTPUT/checkpoints/checkpoint-00000004
+        (run / f"checkpoint-{step}").rename(run / "checkpoints" / f"checkpoint-{step:08d}")
+    resumed = train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "5",
+                            "--loss", "sogclr", "--resume_from_checkpoint", "latest"))  # fmt: skip
+    assert sorted(_losses(resumed)) == [5, 6]  # from checkpoints/checkpoint-00000004
+    for step, loss in _losses(resumed).items():
+        assert loss == pytest.approx(finished_run[1][step], abs=1e-6), step
+    assert (run / "checkpoint-6" / "trainer_state.json").exists()  # the new one where transformers' Trainer puts it
+
+
 def test_a_hostile_file_that_matches_its_manifest_fails_to_load_and_runs_nothing(finished_run, tiny_bert, tmp_path):
     run = _copy(finished_run, tmp_path)
-    checkpoint = run / "checkpoints" / "checkpoint-00000004"
+    checkpoint = run / "checkpoint-4"
     for name in ("loss_state.safetensors", "optimizer.json"):
         (checkpoint / name).write_bytes(_payload(tmp_path / "pwned"))
     _reseal(checkpoint)  # the manifest now vouches for the planted files: only the loader stands in the way
@@ -87,7 +100,7 @@ def test_a_hostile_file_that_matches_its_manifest_fails_to_load_and_runs_nothing
     assert not (tmp_path / "pwned").exists()
 
 
-# each: a file of checkpoint-00000004, what happens to it, and what the error must say
+# each: a file of checkpoint-4, what happens to it, and what the error must say
 DAMAGE = [
     ("model.safetensors", "truncate", r"model\.safetensors: \d+ bytes, \d+ when written"),
     ("optimizer.safetensors", "delete", r"optimizer\.safetensors: missing"),
@@ -107,21 +120,21 @@ DAMAGE = [
 @pytest.mark.parametrize(("name", "damage", "message"), DAMAGE, ids=[f"{n}-{d}" for n, d, _ in DAMAGE])
 def test_damage_is_named_and_latest_falls_back_to_the_newest_intact_checkpoint(finished_run, tmp_path, name, damage, message):
     run = _copy(finished_run, tmp_path)
-    checkpoint = run / "checkpoints" / "checkpoint-00000004"
+    checkpoint = run / "checkpoint-4"
     _damage(checkpoint / name, damage, finished_run[0])
     with pytest.raises(CheckpointError, match=message):
         find_checkpoint(str(checkpoint), run, num_processes=1)
     path, skipped = find_checkpoint("latest", run, num_processes=1)
-    assert path.name == "checkpoint-00000002"
-    assert len(skipped) == 1 and skipped[0].startswith("skipped checkpoint-00000004: ") and re.search(message, skipped[0])
+    assert path.name == "checkpoint-2"
+    assert len(skipped) == 1 and skipped[0].startswith("skipped checkpoint-4: ") and re.search(message, skipped[0])
 
 
 def test_a_fallback_is_announced_and_resumes_exactly_from_the_older_checkpoint(finished_run, tiny_bert, tmp_path, capsys):
     run = _copy(finished_run, tmp_path)
-    _damage(run / "checkpoints" / "checkpoint-00000004" / "rng_state_0.safetensors", "garbage", finished_run[0])
+    _damage(run / "checkpoint-4" / "rng_state_0.safetensors", "garbage", finished_run[0])
     resumed = train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "5",
                             "--loss", "sogclr", "--resume_from", "latest"))  # fmt: skip
-    assert "warning: skipped checkpoint-00000004: " in capsys.readouterr().out
+    assert "warning: skipped checkpoint-4: " in capsys.readouterr().out
     assert sorted(_losses(resumed)) == [3, 4, 5, 6]
     for step, loss in _losses(resumed).items():
         assert loss == pytest.approx(finished_run[1][step], abs=1e-6), step
@@ -129,7 +142,7 @@ def test_a_fallback_is_announced_and_resumes_exactly_from_the_older_checkpoint(f
 
 def test_a_damaged_rng_state_is_an_error_unless_ignored_by_name(finished_run, tiny_bert, tmp_path, capsys):
     run = _copy(finished_run, tmp_path)
-    checkpoint = run / "checkpoints" / "checkpoint-00000004"
+    checkpoint = run / "checkpoint-4"
     (checkpoint / "rng_state_0.safetensors").unlink()
     argv = ["--max_steps", "6", "--loss", "sogclr", "--resume_from", str(checkpoint)]
     with pytest.raises(CheckpointError, match="rng_state_0.safetensors: missing"):
@@ -143,13 +156,13 @@ def test_nothing_intact_is_an_error_listing_every_checkpoint(finished_run, tmp_p
     run = _copy(finished_run, tmp_path)
     for checkpoint in list_checkpoints(run):
         (checkpoint / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint(.|\n)*checkpoint-00000004(.|\n)*checkpoint-00000002"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint(.|\n)*checkpoint-4(.|\n)*checkpoint-2"):
         find_checkpoint("latest", run, num_processes=1)
 
 
 def test_a_checkpoint_of_two_processes_is_not_resumed_on_one_without_saying_so(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
-    checkpoint = run / "checkpoints" / "checkpoint-00000004"
+    checkpoint = run / "checkpoint-4"
     with pytest.raises(CheckpointError, match="written by 1 process\\(es\\), resumed on 2"):
         find_checkpoint(str(checkpoint), run, num_processes=2)
     assert find_checkpoint(str(checkpoint), run, num_processes=2, ignore_rng_state=True)[0] == checkpoint
@@ -167,13 +180,13 @@ def test_a_nan_loss_stops_the_run_before_it_reaches_the_weights(tiny_bert, tmp_p
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
 
     monkeypatch.setattr(trainer, "contrastive_loss_on_views", turns_nan_at_step_3)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3.*checkpoint-00000002"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3.*checkpoint-2"):
         train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", "2"))
     run = tmp_path / "run"
-    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-00000002"] and not (run / "final").exists()
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"] and not (run / "final").exists()
     from safetensors.torch import load_file
 
-    weights = load_file(run / "checkpoints" / "checkpoint-00000002" / "model.safetensors")
+    weights = load_file(run / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -190,10 +203,10 @@ def test_a_failed_checkpoint_write_leaves_no_scratch_and_the_earlier_checkpoint_
 
     monkeypatch.setattr(checkpoint_module, "_save_main_files", disk_full_on_the_second)
     argv = ["--max_steps", "6", "--save_steps", "2", "--save_total_limit", "5", "--loss", "sogclr"]
-    with pytest.raises(CheckpointError, match=r"writing checkpoint-00000004 failed \(No space left on device\); "
-                                              r"the earlier checkpoint checkpoint-00000002 is intact"):  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"writing checkpoint-4 failed \(No space left on device\); "
+                                              r"the earlier checkpoint checkpoint-2 is intact"):  # fmt: skip
         train(_config(tiny_bert, tmp_path, *argv))
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-00000002"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]  # no scratch left
     monkeypatch.setattr(checkpoint_module, "_save_main_files", real)
     resumed = train(_config(tiny_bert, tmp_path, *argv, "--resume_from", "latest"))
     for step, loss in _losses(resumed).items():
@@ -230,7 +243,7 @@ def _damage(file: Path, how: str, finished: Path) -> None:
     elif how == "garbage":
         file.write_bytes(bytes(reversed(file.read_bytes())))  # same size, other bytes
     elif how == "swapped":  # another checkpoint's RNG file (another seed's would do as well): valid, and not this one's
-        other = finished / "run" / "checkpoints" / "checkpoint-00000002" / file.name
+        other = finished / "run" / "checkpoint-2" / file.name
         assert other.read_bytes() != file.read_bytes()
         shutil.copy(other, file)
     elif how == "extra_key":

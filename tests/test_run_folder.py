@@ -49,7 +49,7 @@ def test_export_into_its_own_run_folder_or_the_current_folder_is_refused(trained
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     before = _tree(run)
-    assert _export(monkeypatch, str(run / "checkpoints" / "checkpoint-00000002"), str(run)) == 2
+    assert _export(monkeypatch, str(run / "checkpoint-2"), str(run)) == 2
     assert "did not write" in capsys.readouterr().err and _tree(run) == before
     here = tmp_path / "here"
     here.mkdir()
@@ -154,7 +154,8 @@ def test_exported_folders_carry_no_path_of_the_training_machine(trained_run, tmp
     import yaml
 
     config = yaml.safe_load((trained_run / "final" / "training_config.yaml").read_text())
-    assert (config["output_dir"], config["train_file"], config["resume_from"]) == ("runs/run", ["train.txt"], None)
+    portable = (config["output_dir"], config["train_file"], config["resume_from_checkpoint"])
+    assert portable == ("runs/run", ["train.txt"], None)
 
 
 def test_check_destination_allows_new_and_empty_folders(tmp_path):

@@ -103,7 +103,7 @@ def test_a_run_on_a_text_file_and_a_triples_file_trains_each_batch_from_one_and_
     whole = run("whole")
     assert sorted(set(views)) == [2, 3] and len(views) == 14  # 40 sentences / 8 = 5 steps, 24 triples / 8 = 3
     # step 10 is the second step of epoch 1: the resumed run must replay that epoch's order from its third step
-    resumed = run("whole_copy", "--resume_from", str(tmp_path / "whole" / "run" / "checkpoints" / "checkpoint-00000010"))
+    resumed = run("whole_copy", "--resume_from", str(tmp_path / "whole" / "run" / "checkpoint-10"))
     assert sorted(_losses(resumed)) == [11, 12, 13, 14]
     for step, loss in _losses(resumed).items():
         assert loss == pytest.approx(_losses(whole)[step], abs=1e-6), step

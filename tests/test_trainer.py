@@ -56,7 +56,7 @@ def test_resumed_run_continues_exactly(tiny_bert, tmp_path, loss):
     # SogCLR's u and EMC²'s chains (the loss's state, saved with the checkpoint) meet samples seen before it
     full = train(_config(tiny_bert, tmp_path / "a", "--max_steps", "7", "--save_steps", "3", "--loss", loss,
                        "--save_total_limit", "5"))
-    checkpoint = tmp_path / "a" / "run" / "checkpoints" / "checkpoint-00000003"
+    checkpoint = tmp_path / "a" / "run" / "checkpoint-3"
     resumed = train(
         _config(tiny_bert, tmp_path / "b", "--max_steps", "7", "--save_steps", "3", "--loss", loss,
                 "--resume_from", str(checkpoint))
@@ -69,11 +69,11 @@ def test_resumed_run_continues_exactly(tiny_bert, tmp_path, loss):
 
 def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path, capsys):
     train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5"))
-    root = tmp_path / "run" / "checkpoints"
-    (root / "checkpoint-00000006.tmp").mkdir()  # what a kill during save_checkpoint leaves
-    (root / "checkpoint-00000006.tmp" / "model.safetensors").write_bytes(b"partial")
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002", "checkpoint-00000004"]
-    assert find_checkpoint("latest", tmp_path / "run", num_processes=1)[0].name == "checkpoint-00000004"
+    root = tmp_path / "run"
+    (root / "checkpoint-6.tmp").mkdir()  # what a kill during save_checkpoint leaves
+    (root / "checkpoint-6.tmp" / "model.safetensors").write_bytes(b"partial")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
+    assert find_checkpoint("latest", tmp_path / "run", num_processes=1)[0].name == "checkpoint-4"
     # resuming "latest" of a finished run trains nothing more and keeps the final model
     capsys.readouterr()
     again = train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5",
@@ -86,19 +86,19 @@ def test_latest_ignores_a_checkpoint_killed_mid_write(tiny_bert, tmp_path, capsy
 def test_a_fresh_run_refuses_a_folder_holding_an_earlier_one_unless_told_to_overwrite(tiny_bert, tmp_path):
     train(_config(tiny_bert, tmp_path, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5"))
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
-    with pytest.raises(RunFolderError, match=r"holds an earlier run \(checkpoints, log.jsonl, final, config.yaml\)"):
+    with pytest.raises(RunFolderError, match=r"holds an earlier run \(log.jsonl, final, config.yaml, checkpoint-2, checkpoint-4\)"):
         train(_config(tiny_bert, tmp_path, "--max_steps", "2"))
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before  # nothing lost
     again = train(_config(tiny_bert, tmp_path, "--max_steps", "2", "--save_steps", "0", "--overwrite_output_dir"))
     # only the new run is left: "latest" can no longer pick the earlier run's step 4, and the log is this run's
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
     assert [row["step"] for row in read_log(tmp_path / "run")] == [1, 2]
     assert again.state.step == 2
 
 
 def test_save_total_limit_keeps_the_last_checkpoints(tiny_bert, tmp_path):
     train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2"))
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000004", "checkpoint-00000006"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-6"]
 
 
 def test_evaluation_does_not_change_training(tiny_bert, tmp_path):

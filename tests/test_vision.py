@@ -16,8 +16,8 @@ import torch
 
 pytest.importorskip("torchvision")
 
+from simcse_flat.config import ConfigError, TrainerArguments, parse_config  # noqa: E402
 from simcse_flat.run_folder import read_log  # noqa: E402
-from simcse_flat.config import ConfigError, TrainingArguments, parse_config  # noqa: E402
 from simcse_flat.data.vision import (  # noqa: E402
     DATASETS,
     MultiViewDataset,
@@ -175,7 +175,7 @@ def test_lr_scaling_matches_the_flatclr_table(batch, linear, sqrt):
 
 @pytest.mark.parametrize(("name", "kind"), [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lars", LARS)])
 def test_optim_builds_the_named_optimizer_at_the_scaled_rate(name, kind):
-    args = TrainingArguments(optim=name, learning_rate=0.075, lr_scaling="sqrt")
+    args = TrainerArguments(optim=name, learning_rate=0.075, lr_scaling="sqrt")
     optimizer = build_optimizer([{"params": [torch.nn.Parameter(torch.ones(2, 2))]}], args, torch.device("cpu"), 64)
     assert isinstance(optimizer, kind) and optimizer.param_groups[0]["lr"] == pytest.approx(0.6)
 
@@ -259,7 +259,7 @@ def test_tiny_run_trains_with_each_loss(loss, extra, fake_fmnist, tmp_path):
 
 
 def test_checkpoint_and_final_folder_load_the_same_encoder(tiny_run):
-    checkpoint = tiny_run.output_dir / "checkpoints" / "checkpoint-00000002"
+    checkpoint = tiny_run.output_dir / "checkpoint-2"
     from_checkpoint, final = load_encoder(checkpoint), load_encoder(tiny_run.final_model)
     assert all(torch.equal(a, b) for a, b in zip(from_checkpoint.state_dict().values(), final.state_dict().values()))
     untrained = load_encoder(tiny_run.final_model, random_init=True)
@@ -270,7 +270,7 @@ def test_checkpoint_and_final_folder_load_the_same_encoder(tiny_run):
 def test_linear_eval_script_scores_checkpoint_final_and_random_init(tiny_run, fake_fmnist, tmp_path):
     script = load_script("linear_eval")
     common = ["--data_root", str(fake_fmnist), "--output", str(tmp_path / "r.json")]
-    checkpoint = tiny_run.output_dir / "checkpoints" / "checkpoint-00000002"
+    checkpoint = tiny_run.output_dir / "checkpoint-2"
     scores = [script.main([str(folder), *common]) for folder in (checkpoint, tiny_run.final_model)]
     assert scores[0]["linear_accuracy"] == scores[1]["linear_accuracy"]
     assert scores[0]["test_examples"] == 40 and 0 <= scores[0]["knn_accuracy"] <= 100

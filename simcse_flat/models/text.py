@@ -1,36 +1,52 @@
-"""A HuggingFace encoder plus SimCSE's poolers: text in, one embedding per sentence out.
+"""The text model: a ``sentence_transformers.SentenceTransformer``, so what is trained, scored and published is one
+object, read and written by the library that defines its folder format.
 
-Poolers (SimCSE's names):
+:meth:`SentenceEncoder.from_pretrained` loads
+
+* a sentence-transformers model (a folder, or a hub id whose repository holds ``modules.json``) as it is: its
+  pooling, Dense / Normalize modules, ``max_seq_length`` and prompts are sentence-transformers' own reading;
+* a plain Hugging Face encoder (``bert-base-uncased``, a local folder, ``package:MODULE``) as ``Transformer`` plus the
+  configured pooler, built from sentence-transformers' modules (SimCSE's names):
 
 ==================  ==========================================================================================
-``cls``             the [CLS] vector through an MLP (Linear + tanh), SimCSE's default; with ``mlp_only_train`` the
-                    MLP is used in training only and evaluation takes the [CLS] vector before it
-``cls_before_pooler`` the [CLS] vector of the last layer
+``cls``             the [CLS] vector through an MLP (``Dense`` + tanh), SimCSE's default; with ``mlp_only_train``
+                    the MLP is used in training only, and the saved model is ``cls_before_pooler``
+``cls_before_pooler`` the [CLS] vector of the last layer (``Pooling`` cls)
 ``mean``            mean of the last layer over real tokens (``avg`` is accepted as SimCSE's alias)
-``avg_first_last``  mean over real tokens of the average of the first and the last layer
+``avg_first_last``  mean over real tokens of the average of the first and the last transformer layer
+                    (``WeightedLayerPooling`` with weight 1 on both, then mean ``Pooling``)
 ==================  ==========================================================================================
 
-The saved folder is a sentence-transformers folder (see :mod:`simcse_flat.export`); :meth:`SentenceEncoder.from_pretrained`
-reads it back, and also reads a plain HuggingFace checkpoint or hub id.
+The training loop calls ``encoder(**batch)`` and gets ``(n, D)`` embeddings; everything else (``encode``, ``save``,
+``push_to_hub``) is sentence-transformers' own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import json
 import os
-from pathlib import Path
 
 import torch
+from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+try:  # sentence-transformers >= 6 moved the modules; older releases only have the old path
+    from sentence_transformers.sentence_transformer.modules import (
+        Dense,
+        Pooling,
+        Transformer,
+        WeightedLayerPooling,
+    )
+except ImportError:  # pragma: no cover - depends on the installed release
+    from sentence_transformers.models import Dense, Pooling, Transformer, WeightedLayerPooling
 
 POOLERS = ("cls", "cls_before_pooler", "mean", "avg_first_last")
 _POOLER_ALIASES = {"avg": "mean"}
 
 
 class ModelLoadError(ValueError):
-    """The model could not be loaded (wrong path, no network for a hub id, not a transformers model)."""
+    """The model could not be loaded (wrong path, not cached offline, a module that cannot be used)."""
 
 
 def resolve_pooler(name: str) -> str:
@@ -65,238 +81,166 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(module.get_model_path())
 
 
-class MLPPooler(nn.Module):
-    """SimCSE's head on the [CLS] vector: Linear(H, H) + tanh (exported as a sentence-transformers Dense)."""
+class TrainingOnlyMLP(Dense):
+    """SimCSE's ``mlp_only_train``: the MLP (Linear + tanh) acts in training and is skipped at inference.
 
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.activation = nn.Tanh()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.activation(self.dense(x))
-
-
-def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-class SentenceEncoder(nn.Module):
-    """``AutoModel`` + pooler. ``forward`` maps a tokenized batch to ``(n, D)`` sentence embeddings.
-
-    Args:
-        backbone: any ``transformers`` encoder (BERT, RoBERTa, MiniLM, ...).
-        tokenizer: its tokenizer, kept so :meth:`encode` and :meth:`save_pretrained` are self-contained.
-        pooler: one of :data:`POOLERS`.
-        mlp_only_train: SimCSE's unsupervised trick: the ``cls`` MLP is used in training only.
-        normalize: L2-normalise the output of :meth:`encode` (carried over from a sentence-transformers folder
-            with a ``Normalize`` module, so an exported model gives the same vectors as its source did).
-        max_seq_length: truncation length at inference (:meth:`encode`, evaluation, the exported folder). Training
-            truncates separately (``config.model.max_seq_length``, SimCSE's 32): short training sequences are cheap,
-            but an embedding model must not cut every input at 32 tokens once deployed.
+    Kept because sentence-transformers has no module that acts in training only; it is left out of every saved
+    folder (:meth:`SentenceEncoder.save`), so the published model is ``cls_before_pooler`` and loads without us.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        pooler: str = "cls",
-        mlp_only_train: bool = False,
-        normalize: bool = False,
-        max_seq_length: int = 512,
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.tokenizer = tokenizer
-        self.pooler = resolve_pooler(pooler)
-        self.mlp_only_train = mlp_only_train
-        self.normalize = normalize
-        self.max_seq_length = max_seq_length
-        hidden = backbone.config.hidden_size
-        self.mlp = MLPPooler(hidden) if self.pooler == "cls" else None
+    def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
+        return super().forward(features, **kwargs) if self.training else features
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.backbone.config.hidden_size
+
+class SentenceEncoder(SentenceTransformer):
+    """A ``SentenceTransformer`` the training loop can call as ``encoder(**batch) -> (n, D)``."""
+
+    def forward(self, input: dict[str, Tensor] | None = None, **kwargs) -> dict[str, Tensor] | Tensor:
+        if input is None:  # the loop's call: token tensors in, sentence embeddings out (one pass over all views)
+            return super().forward(dict(kwargs))["sentence_embedding"]
+        return super().forward(input, **kwargs)
 
     @property
     def longest_input(self) -> int:
-        """The longest input the backbone takes, at most 512 tokens: SimCSE evaluates STS untruncated."""
-        return min(512, self.backbone.config.max_position_embeddings)
+        """The longest input the model takes, at most 512 tokens: SimCSE evaluates STS untruncated."""
+        return min(512, self.transformers_model.config.max_position_embeddings)
 
     @property
-    def uses_mlp(self) -> bool:
-        """Whether the MLP head is applied now: always in training, at inference unless ``mlp_only_train``."""
-        return self.mlp is not None and (self.training or not self.mlp_only_train)
+    def pooler(self) -> str | None:
+        """The SimCSE pooler name of this pipeline (``None`` for one that is none of them)."""
+        kinds = [type(module) for module in self]
+        pooling = next((module for module in self if isinstance(module, Pooling)), None)
+        mode = pooling.pooling_mode if pooling is not None else None
+        if mode == "cls":
+            return "cls" if Dense in kinds or TrainingOnlyMLP in kinds else "cls_before_pooler"
+        if mode == "mean":
+            return "avg_first_last" if WeightedLayerPooling in kinds else "mean"
+        return None
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        out = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **({"token_type_ids": token_type_ids} if token_type_ids is not None else {}),
-            output_hidden_states=self.pooler == "avg_first_last",
-        )
-        if self.pooler == "mean":
-            return masked_mean(out.last_hidden_state, attention_mask)
-        if self.pooler == "avg_first_last":
-            # hidden_states[0] is the embedding layer; SimCSE's "first" is the first transformer layer
-            first, last = out.hidden_states[1], out.hidden_states[-1]
-            return masked_mean((first + last) / 2, attention_mask)
-        cls = out.last_hidden_state[:, 0]
-        return self.mlp(cls) if self.uses_mlp else cls
+    def save(self, path: str, *args, **kwargs) -> None:
+        """sentence-transformers' ``save``, without the modules that act in training only."""
+        with self.published():
+            super().save(path, *args, **kwargs)
 
-    def tokenize(self, sentences: list[str], max_length: int | None = None) -> dict[str, Tensor]:
-        return self.tokenizer(
-            sentences,
-            padding=True,
-            truncation=True,
-            max_length=max_length or self.max_seq_length,
-            return_tensors="pt",
-        )
-
-    @torch.inference_mode()
-    def encode(self, sentences: list[str], batch_size: int = 128, max_length: int | None = None) -> Tensor:
-        """Embeddings ``(len(sentences), D)`` in fp32 on the CPU, in input order.
-
-        Inference mode (no dropout, MLP per ``mlp_only_train``); sentences are sorted by length so each batch pads
-        little; the training state of the module is restored afterwards.
-        """
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]), reverse=True)
-        chunks = []
+    @contextlib.contextmanager
+    def published(self):
+        """Within this block the pipeline is the one that is saved: without the modules that act in training only."""
+        kept = dict(self._modules)
+        for name in [name for name, module in kept.items() if isinstance(module, TrainingOnlyMLP)]:
+            del self._modules[name]
         try:
-            for start in range(0, len(order), batch_size):
-                batch = self.tokenize([sentences[i] for i in order[start : start + batch_size]], max_length)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device_type=device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
-                    chunks.append(self(**batch).float().cpu())
+            yield
         finally:
-            self.train(was_training)
-        if not chunks:
-            return torch.empty(0, self.embedding_dim)
-        embeddings = torch.empty(len(sentences), self.embedding_dim)
-        embeddings[torch.tensor(order)] = torch.cat(chunks)
-        if self.normalize:
-            embeddings = nn.functional.normalize(embeddings, dim=-1)
-        return embeddings
+            self._modules.clear()
+            self._modules.update(kept)
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str,
         pooler: str | None = None,
-        mlp_only_train: bool | None = None,
+        mlp_only_train: bool = False,
         max_seq_length: int | None = None,
-        **hf_kwargs,
     ) -> "SentenceEncoder":
-        """Load a hub id, a HuggingFace folder, a sentence-transformers folder or ``package:MODULE``.
+        """A sentence-transformers model as it is, or a plain Hugging Face encoder with ``pooler`` (default ``cls``).
 
-        For a sentence-transformers folder (one with ``modules.json``) the pooler, the MLP head (a ``Dense`` with
-        tanh), normalisation and ``max_seq_length`` are read from the folder; explicit arguments win.
+        ``pooler`` given for a sentence-transformers model must be its own (or ``cls`` with ``mlp_only_train`` on a
+        ``cls_before_pooler`` model, which adds a fresh training-only MLP, as SimCSE's recipe continues).
         """
         path = resolve_model_path(name_or_path)
-        st = _read_sentence_transformers_folder(path) if os.path.isdir(path) else {}
-        saved_pooler = st.get("pooler")
-        pooler = resolve_pooler(pooler or saved_pooler or "cls")
-        if mlp_only_train is None:
-            # a folder whose CLS pooling has no Dense head was trained (or exported) without it at inference
-            mlp_only_train = saved_pooler == "cls_before_pooler" and pooler == "cls"
+        pooler = resolve_pooler(pooler) if pooler else None
         if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
             raise ModelLoadError(f"cannot load model {name_or_path!r}: no such folder")
-        try:
-            config = AutoConfig.from_pretrained(path, **hf_kwargs)
-        except (OSError, ValueError) as err:  # not found locally, not on the hub, or no network
-            raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
-        backbone = _load_backbone(path, config, **hf_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **hf_kwargs)
-        encoder = cls(
-            backbone,
-            tokenizer,
-            pooler=pooler,
-            mlp_only_train=mlp_only_train,
-            normalize=st.get("normalize", False),
-            # a sentence-transformers folder says its length; else the position limit, at most 512 (as SimCSE evaluates)
-            max_seq_length=max_seq_length or st.get("max_seq_length") or min(512, config.max_position_embeddings),
-        )
-        if encoder.mlp is not None and "dense_state" in st:
-            encoder.mlp.dense.load_state_dict(st["dense_state"])
+        with _load_errors_named(name_or_path):
+            if _is_sentence_transformers_model(path):
+                encoder = _without_unused_pooler(lambda kwargs: cls(path, device="cpu", model_kwargs=kwargs))
+                encoder._check_pooler(name_or_path, pooler, mlp_only_train)
+            else:
+                encoder = cls(modules=_plain_modules(path, pooler or "cls", mlp_only_train), device="cpu")
+        if max_seq_length:
+            encoder.max_seq_length = max_seq_length
         return encoder
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write a sentence-transformers folder; see :func:`simcse_flat.export.save_sentence_transformers_folder`."""
-        from ..export import save_sentence_transformers_folder
+    def _check_pooler(self, name: str, pooler: str | None, mlp_only_train: bool) -> None:
+        own = self.pooler
+        if pooler == "cls" and own == "cls_before_pooler" and mlp_only_train:
+            self.append(_simcse_mlp(self.get_sentence_embedding_dimension(), mlp_only_train))
+        elif pooler is not None and pooler != own:
+            raise ModelLoadError(
+                f"{name} is a sentence-transformers model whose pooling is {own or 'its own'}, not {pooler!r}: "
+                "pooler applies to plain Hugging Face encoders (leave it unset to use the model's own)"
+            )
 
-        save_sentence_transformers_folder(self, path)
+
+def check_trainable(encoder: SentenceEncoder, name: str) -> None:
+    """The trainer tokenizes with the model's Hugging Face tokenizer and runs every module with gradient: a model
+    whose first module is not a ``Transformer`` (static embeddings, CLIP, a custom input module) it cannot train."""
+    first = encoder[0]
+    if not isinstance(first, Transformer):
+        raise ModelLoadError(
+            f"{name}: its first module is {type(first).__name__}, not a sentence-transformers Transformer; the "
+            "trainer feeds Hugging Face tokenizer ids to a transformers model, so it cannot train through it"
+        )
 
 
-def _load_backbone(path: str, config, **hf_kwargs) -> nn.Module:
-    # BERT-like models build a pooler layer we never use; without it DDP needs no find_unused_parameters
-    # and no parameter sits in the optimizer without a gradient. Models without that flag reject it.
+def _is_sentence_transformers_model(path: str) -> bool:
+    """Whether ``path`` (a folder or a hub id, looked up in the cache when offline) holds ``modules.json``."""
+    from sentence_transformers.util import is_sentence_transformer_model
+
+    return is_sentence_transformer_model(path)
+
+
+def _plain_modules(path: str, pooler: str, mlp_only_train: bool) -> list[nn.Module]:
+    """``Transformer`` + SimCSE's ``pooler`` for a plain Hugging Face encoder."""
+    first_last = pooler == "avg_first_last"
+    config_kwargs = {"output_hidden_states": True} if first_last else {}
+    transformer = _without_unused_pooler(lambda kwargs: Transformer(path, model_kwargs=kwargs, config_kwargs=config_kwargs))
+    config = transformer.auto_model.config
+    transformer.max_seq_length = min(512, config.max_position_embeddings)  # SimCSE evaluates untruncated
+    dim = config.hidden_size
+    if first_last:
+        return [transformer, first_last_layer_pooling(dim, config.num_hidden_layers), Pooling(dim, pooling_mode="mean")]
+    if pooler == "mean":
+        return [transformer, Pooling(dim, pooling_mode="mean")]
+    modules = [transformer, Pooling(dim, pooling_mode="cls")]
+    return modules + [_simcse_mlp(dim, mlp_only_train)] if pooler == "cls" else modules
+
+
+def _simcse_mlp(dim: int, mlp_only_train: bool) -> Dense:
+    return (TrainingOnlyMLP if mlp_only_train else Dense)(dim, dim, bias=True, activation_function=nn.Tanh())
+
+
+def first_last_layer_pooling(dim: int, num_layers: int) -> nn.Module:
+    """``WeightedLayerPooling`` over layers ``1..num_layers`` giving ``(h_1 + h_L) / 2`` (SimCSE's "first" is the
+    first transformer layer, not the embeddings). The weights are fixed: a parameter (so they are saved), not trained."""
+    weights = torch.zeros(num_layers)
+    weights[[0, -1]] = 1.0
+    return WeightedLayerPooling(
+        dim, num_hidden_layers=num_layers, layer_start=1, layer_weights=nn.Parameter(weights, requires_grad=False)
+    )
+
+
+def _without_unused_pooler(load):
+    # BERT-like models build a pooler layer no sentence-transformers pooling uses; without it DDP needs no
+    # find_unused_parameters and no parameter sits in the optimizer without a gradient. Others reject the flag.
     try:
-        return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False, **hf_kwargs)
+        return load({"add_pooling_layer": False})
     except TypeError:
-        return AutoModel.from_pretrained(path, config=config, **hf_kwargs)
+        return load({})
 
 
-def _read_sentence_transformers_folder(path: str) -> dict:
-    """Pooler, Dense head, normalisation and max length of a sentence-transformers folder (``{}`` if none)."""
-    modules_file = Path(path) / "modules.json"
-    if not modules_file.exists():
-        return {}
-    info: dict = {}
-    for module in json.loads(modules_file.read_text()):
-        kind = module["type"].rsplit(".", 1)[-1]
-        folder = Path(path) / module["path"]
-        if kind == "Pooling":
-            cfg = json.loads((folder / "config.json").read_text())
-            mode = cfg.get("pooling_mode")
-            if mode is None:  # sentence-transformers < 5 wrote one boolean per mode
-                mode = "cls" if cfg.get("pooling_mode_cls_token") else "mean" if cfg.get("pooling_mode_mean_tokens") else None
-            if isinstance(mode, list):
-                mode = mode[0] if len(mode) == 1 else None
-            if mode not in ("cls", "mean"):
-                raise ValueError(f"{folder / 'config.json'}: pooling mode {mode!r} has no simcse_flat pooler")
-            if info.get("pooler") != "avg_first_last" or mode != "mean":  # a layer pooling came first
-                info["pooler"] = "cls_before_pooler" if mode == "cls" else "mean"
-        elif kind == "Dense":
-            info["dense_state"] = _load_dense_state(folder)
-            info["pooler"] = "cls"
-        elif kind == "Normalize":
-            info["normalize"] = True
-        elif kind == "WeightedLayerPooling":
-            if not _is_first_last_average(folder):
-                raise ValueError(f"{folder}: only the first-and-last-layer average (avg_first_last) is supported")
-            info["pooler"] = "avg_first_last"
-    sbert_cfg = Path(path) / "sentence_bert_config.json"
-    if sbert_cfg.exists():
-        info["max_seq_length"] = json.loads(sbert_cfg.read_text()).get("max_seq_length")
-    return info
+@contextlib.contextmanager
+def _load_errors_named(name: str):
+    """Loading errors as one :class:`ModelLoadError` line naming the model and why."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, ImportError, KeyError) as err:
+        from huggingface_hub import constants
 
-
-def _is_first_last_average(folder: Path) -> bool:
-    """Whether a ``WeightedLayerPooling`` folder averages exactly the first transformer layer and the last."""
-    cfg = json.loads((folder / "config.json").read_text())
-    weights = _load_module_state(folder).get("layer_weights")
-    if cfg.get("layer_start") != 1 or weights is None or weights.numel() < 1:
-        return False
-    expected = torch.zeros_like(weights)
-    expected[[0, -1]] = weights[0]
-    return bool(weights[0] > 0) and torch.equal(weights, expected)
-
-
-def _load_module_state(folder: Path) -> dict[str, Tensor]:
-    if (folder / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return {}
-
-
-def _load_dense_state(folder: Path) -> dict[str, Tensor]:
-    state = _load_module_state(folder)
-    return {k.removeprefix("linear."): v for k, v in state.items() if k.startswith("linear.")}
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if constants.HF_HUB_OFFLINE and not os.path.isdir(name):
+            reason = (f"not a local folder, and not in the Hugging Face cache {constants.HF_HUB_CACHE} while offline "
+                      f"(HF_HUB_OFFLINE=1): {reason}")  # fmt: skip
+        raise ModelLoadError(f"cannot load model {name!r}: {reason}") from err
