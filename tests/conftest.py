@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,8 +13,11 @@ import pytest
 # tests never touch the network: a hub look-up fails at once instead of hanging
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the Arrow copies of the tests' training files go to a folder of this session, not the user's datasets cache
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="simcse_flat_tests_datasets_"))
+# the Arrow copies of the tests' training files go to a folder of this session (removed at its end), not the user's
+# datasets cache
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="simcse_flat_tests_datasets_")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 SHARED_DATA = Path(os.environ.get("SIMCSE_FLAT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

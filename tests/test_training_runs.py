@@ -100,7 +100,7 @@ def test_accumulated_gradient_is_the_mean_of_the_micro_batch_gradients(bert_with
     before, after = _parameters_by_step(config)
     step_gradient = {name: (before[name] - after[name]) / lr for name in before}  # SGD's first step: lr * g
 
-    parts = build_parts(config)  # the same encoder and data, outside the trainer
+    parts = build_parts(config, evaluate=False)  # the same encoder and data, outside the trainer (no evaluator)
     parameters = dict(parts.model.named_parameters())
     assert all(torch.equal(parameters[name], before[name]) for name in before)
     loss_fn = build_loss(config.loss.loss, temperature=config.loss.temperature)
