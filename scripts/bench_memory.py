@@ -17,8 +17,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,11 +96,8 @@ def main() -> None:
     rows = []
     for lines in args.lines:
         path = corpus(workdir / f"corpus_{lines}.txt", lines)
-        cache = workdir / f"datasets_cache_{lines}"
-        if cache.exists():
-            import shutil
-
-            shutil.rmtree(cache)  # our own scratch: the first run must build the Arrow file
+        # a new, empty datasets cache made here (the first run must build the Arrow file), removed after the pair
+        cache = Path(tempfile.mkdtemp(prefix=f"datasets_cache_{lines}_", dir=workdir))
         runs = []
         for _ in ("fresh cache", "filled cache"):
             threads = os.environ.get("OMP_NUM_THREADS", "2")
@@ -109,6 +108,7 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"child failed on {path}:\n{done.stderr[-3000:]}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(cache)  # made by mkdtemp above: ours alone
         rows.append({"lines": lines, "bytes": path.stat().st_size, "runs": runs})
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["runs"][1]["peak_rss_bytes"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .run_folder import LEGACY_CHECKPOINT_DIR
+from .run_folder import LEGACY_CHECKPOINT_DIR, write_synced
 from .state_io import load_tree, save_tree
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -150,8 +150,8 @@ def _seal(tmp: Path, final: Path, state: TrainState, num_processes: int) -> None
     """Checksum every file (syncing it to disk), then write the state file last and rename the folder."""
     files = {p.name: _describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest = {"format": 1, "num_processes": num_processes, "files": files}
-    _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))
-    _write_synced(tmp / STATE_FILE, state.to_json())  # its presence marks a complete folder
+    write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    write_synced(tmp / STATE_FILE, state.to_json())  # its presence marks a complete folder
     if final.exists():  # the same step saved again after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -355,9 +355,3 @@ def _sha256(file: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())

@@ -162,13 +162,18 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_synced(tmp, text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_synced(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` and wait until it is on disk."""
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 # ---- exported folders -----------------------------------------------------------------------------------------------

@@ -82,9 +82,9 @@ def content_key(text: str) -> int:
 def read_sentences(path: str | Path) -> tuple[list[str], int]:
     """One sentence a line, and how many blank lines were skipped (paragraph breaks are common in corpora; an empty
     sentence is no training example). In memory: for small files; training reads through :func:`load_train_source`."""
-    rows = [row["text"] for row in _sentence_rows(str(path))]
-    lines = sum(1 for _ in iter_utf8_lines(Path(path)))
-    return rows, lines - len(rows)
+    lines = [line for _, line in iter_utf8_lines(Path(path))]
+    sentences = [line for line in lines if line.strip()]
+    return sentences, len(lines) - len(sentences)
 
 
 def read_triples(path: str | Path) -> dict[str, list[str]]:
