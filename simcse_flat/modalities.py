@@ -8,6 +8,7 @@ model with its card. ``config.model.modality`` picks the bundle, here and nowher
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,16 +44,14 @@ def text_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
     (one or several sources)."""
     from .data.text import ContrastiveCollator, SourcesDataset, load_train_source
     from .export import export_text_model
-    from .models.text import SentenceEncoder, check_trainable
+    from .models.text import check_trainable, load_encoder
 
     # the evaluation data is read (and checked) before the model loads
     evaluator = sts_evaluator(config) if evaluate and config.training.eval_steps > 0 else None
-    encoder = SentenceEncoder.from_pretrained(
-        config.model.model_name_or_path,
-        pooler=config.model.pooler,
-        mlp_only_train=config.model.mlp_only_train,
-    )  # its max_seq_length stays the inference length; the collator truncates training text
-    check_trainable(encoder, config.model.model_name_or_path)
+    # pretrained, or fresh from the run's seed (set before this); its max_seq_length stays the inference length,
+    # the collator truncates training text
+    encoder = load_encoder(dataclasses.asdict(config.model))
+    check_trainable(encoder, config.model.model_name_or_path or config.model.model_type)
     data = config.data
     files = [data.train_file] if isinstance(data.train_file, str) else data.train_file
     sources = [
@@ -106,6 +105,8 @@ def expected_weights_bytes(config: RunConfig) -> int | None:
         return None
     from .models.text import resolve_model_path
 
+    if config.model.model_type:
+        return None  # a fresh model: known once built
     try:
         folder = Path(resolve_model_path(config.model.model_name_or_path))
     except Exception:  # a hub id, or a package that is not installed: the loader reports it

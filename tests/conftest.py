@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def load_script(name: str):
 
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
+    sys.modules[name] = script  # registered before it runs, as an import would: dataclasses look their module up
     spec.loader.exec_module(script)
     return script
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import tempfile
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -161,6 +162,40 @@ class SentenceEncoder(SentenceTransformer):
             encoder.max_seq_length = max_seq_length
         return encoder
 
+    @classmethod
+    def from_scratch(
+        cls,
+        model_type: str,
+        tokenizer_name: str,
+        config_overrides: str | None = None,
+        pooler: str | None = None,
+        mlp_only_train: bool = False,
+    ) -> "SentenceEncoder":
+        """A ``model_type`` encoder at random initialisation (transformers' own init, drawn from torch's global
+        generator: seed it first), with ``tokenizer_name``'s tokenizer, as transformers' ``run_mlm.py`` builds one.
+
+        ``config_overrides`` (``"num_hidden_layers=4,hidden_size=256"``) edits the model type's default config; the
+        vocabulary and padding id follow the tokenizer unless overridden.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        with _load_errors_named(tokenizer_name):
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        if config_overrides:
+            try:
+                config.update_from_string(config_overrides)
+            except ValueError as err:
+                raise ModelLoadError(f"config_overrides {config_overrides!r}: {err}") from None
+        model = _without_unused_pooler(lambda kwargs: AutoModel.from_config(config, **kwargs))
+        # sentence-transformers' Transformer module reads a folder: hand it the fresh model through a scratch one
+        with tempfile.TemporaryDirectory(prefix="simcse_flat_init_") as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            encoder = cls(modules=_plain_modules(folder, pooler or "cls", mlp_only_train), device="cpu")
+        encoder.transformers_model.config._name_or_path = model_type  # not the scratch folder, gone now
+        return encoder
+
     def _check_pooler(self, name: str, pooler: str | None, mlp_only_train: bool) -> None:
         own = self.pooler
         if pooler == "cls" and own == "cls_before_pooler" and mlp_only_train:
@@ -170,6 +205,19 @@ class SentenceEncoder(SentenceTransformer):
                 f"{name} is a sentence-transformers model whose pooling is {own or 'its own'}, not {pooler!r}: "
                 "pooler applies to plain Hugging Face encoders (leave it unset to use the model's own)"
             )
+
+
+def load_encoder(model: dict) -> SentenceEncoder:
+    """The encoder a run's model settings (``config.model`` as a dict) name: pretrained, or fresh from
+    ``model_type``."""
+    if model.get("model_type"):
+        return SentenceEncoder.from_scratch(
+            model["model_type"], model["tokenizer_name"], model.get("config_overrides"), model.get("pooler"),
+            model.get("mlp_only_train", False),
+        )  # fmt: skip
+    return SentenceEncoder.from_pretrained(
+        model["model_name_or_path"], pooler=model.get("pooler"), mlp_only_train=model.get("mlp_only_train", False)
+    )
 
 
 def check_trainable(encoder: SentenceEncoder, name: str) -> None:
