@@ -58,7 +58,7 @@ def text_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
         load_train_source(file, data.dataset_split, data.max_train_samples, data.dedupe, data.data_cache_dir)
         for file in files
     ]
-    collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length)
+    collator = ContrastiveCollator(encoder.tokenizer, config.model.max_seq_length, encoder.training_prompt()[0])
     dataset = SourcesDataset(sources)
     return TrainingParts(
         model=encoder,

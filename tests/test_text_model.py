@@ -125,6 +125,26 @@ def test_mlp_only_at_training_trains_through_the_mlp_and_saves_without_it(tmp_pa
     np.testing.assert_allclose(_reference_embeddings(str(tmp_path / "model"), SENTENCES), cls_vectors.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("include_prompt", [True, False])
+def test_training_batches_carry_the_models_default_prompt_as_encode_does(tiny_bert, tmp_path, include_prompt):
+    from sentence_transformers import SentenceTransformer
+
+    from simcse_flat.data.text import ContrastiveCollator
+    from simcse_flat.models.text import Pooling, Transformer
+
+    transformer = Transformer(str(tiny_bert))
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean", include_prompt=include_prompt)
+    SentenceTransformer(modules=[transformer, pooling], prompts={"query": "the dog "},
+                        default_prompt_name="query").save(str(tmp_path / "prompted"))  # fmt: skip
+    encoder = SentenceEncoder.from_pretrained(str(tmp_path / "prompted")).eval()
+    collator = ContrastiveCollator(encoder.tokenizer, 64, encoder.training_prompt()[0])
+    batch = collator([{"text": text, "idx": i} for i, text in enumerate(SENTENCES)])
+    batch.pop("sample_ids")
+    with torch.no_grad():
+        trained_on = encoder(**batch)[: len(SENTENCES)]  # view 0 of the loop's forward
+    np.testing.assert_allclose(trained_on.numpy(), encoder.encode(SENTENCES), atol=1e-5)
+
+
 def test_a_hub_id_not_in_the_cache_offline_fails_in_one_line(hub_cache):
     with pytest.raises(ModelLoadError) as error:
         SentenceEncoder.from_pretrained("nobody/no-such-model")

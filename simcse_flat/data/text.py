@@ -272,11 +272,13 @@ class ContrastiveCollator:
     Rows ``[v*B:(v+1)*B]`` are view ``v`` of the ``B`` examples: unsupervised, view 1 repeats view 0 (dropout is the
     only noise, SimCSE); supervised, the views are ``sent0, sent1[, hard_neg]``. One forward pass encodes them all.
     ``sample_ids`` carries the data-set index of each example, for losses with per-sample state; ``sample_keys``
-    its content key (:func:`content_key`), so that duplicates are not used as each other's negatives.
+    its content key (:func:`content_key`), so that duplicates are not used as each other's negatives. A model with a
+    default prompt trains on prompted text, as it is evaluated and used (:meth:`SentenceEncoder.training_prompt`).
     """
 
     tokenizer: object
     max_length: int = 32
+    prompt: str = ""  # the model's default prompt ("query: "), put before every sentence as its encode() does
 
     def __call__(self, examples: list[dict]) -> dict[str, Tensor]:
         ids = torch.tensor([e["idx"] for e in examples], dtype=torch.long)
@@ -300,7 +302,8 @@ class ContrastiveCollator:
 
     def _tokenize(self, sentences: list[str]) -> dict[str, Tensor]:
         return dict(
-            self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            self.tokenizer([self.prompt + sentence for sentence in sentences], padding=True, truncation=True,
+                           max_length=self.max_length, return_tensors="pt")  # fmt: skip
         )
 
 

@@ -98,8 +98,20 @@ class SentenceEncoder(SentenceTransformer):
 
     def forward(self, input: dict[str, Tensor] | None = None, **kwargs) -> dict[str, Tensor] | Tensor:
         if input is None:  # the loop's call: token tensors in, sentence embeddings out (one pass over all views)
-            return super().forward(dict(kwargs))["sentence_embedding"]
+            features = dict(kwargs)
+            prompt_length = self.training_prompt()[1]
+            if prompt_length is not None:  # a pooling that leaves the prompt out needs its length, as in encode()
+                features["prompt_length"] = prompt_length
+            return super().forward(features)["sentence_embedding"]
         return super().forward(input, **kwargs)
+
+    def training_prompt(self) -> tuple[str, int | None]:
+        """The default prompt ``encode`` puts before every sentence (``""`` for none) and its length in tokens, which
+        the training text gets too, so that the model trains on what it will be given."""
+        prompt = self.prompts.get(self.default_prompt_name, "") if self.default_prompt_name else ""
+        if not prompt:
+            return "", None
+        return prompt, self[0]._get_prompt_length(prompt)  # sentence-transformers' own count, cached there
 
     @property
     def longest_input(self) -> int:
