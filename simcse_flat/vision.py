@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from .config import RunConfig, VisionArguments
+from .config import ConfigError, RunConfig, VisionArguments, check_choice
 from .data.vision import (
     DATASETS,
     MultiViewDataset,
@@ -35,10 +35,24 @@ from .evaluation.linear_probe import extract_features, finetune_accuracy, knn_ac
 from .export import RunSummary
 from .modalities import TrainingParts
 from .models.text import ModelLoadError
-from .models.vision import CONFIG_FILE, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
+from .models.vision import ARCHS, CONFIG_FILE, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
 from .run_folder import add_files_to_export
 
 TRANSFER_MODES = ("linear_eval", "finetune")
+
+
+def check_vision_settings(config: RunConfig) -> None:
+    """``modality: vision``'s settings, checked before anything loads (:func:`simcse_flat.config.validate`)."""
+    vision = config.vision
+    check_choice("vision_dataset", vision.vision_dataset, tuple(DATASETS))
+    check_choice("arch", vision.arch, ARCHS)
+    if not 0 < vision.min_crop_scale <= 1:
+        raise ConfigError(f"min_crop_scale must be in (0, 1], got {vision.min_crop_scale}")
+    if config.training.grad_cache_chunk_size and vision.norm_layer == "batch":
+        raise ConfigError(
+            "grad_cache_chunk_size needs an encoder whose rows do not mix: batch norm would see chunk statistics "
+            "and update its running statistics twice; set norm_layer: group (or none)"
+        )
 
 
 def model_config(args: VisionArguments) -> VisionModelConfig:
