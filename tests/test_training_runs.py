@@ -185,10 +185,14 @@ def _launch_two_processes(argv: list[str], timeout: float = 300) -> None:
     assert launcher.returncode == 0, output[-3000:]
 
 
-def test_two_launched_processes_train_like_one_with_twice_the_batch_and_resume_exactly(bert_without_dropout, tmp_path):
-    # SogCLR keeps u per sample: 40 sentences at 16 a step are 2 steps an epoch, so steps 4-5 of the resumed run
-    # use the u that steps 1-3 left in the checkpoint. No dropout: each process would draw its own masks.
-    run = ("--loss", "sogclr", "--max_steps", "5", "--save_steps", "3", "--save_total_limit", "5")
+@pytest.mark.parametrize("loss", ["sogclr", "emc2"])
+def test_two_launched_processes_train_like_one_with_twice_the_batch_and_resume_exactly(
+    bert_without_dropout, tmp_path, loss
+):
+    # SogCLR keeps u per sample, EMC² a chain per sample: 40 sentences at 16 a step are 2 steps an epoch, so steps
+    # 4-5 of the resumed run use the u / chain states that steps 1-3 left in the checkpoint (EMC²'s chain generator
+    # draws for all processes' rows, each keeps its slice). No dropout: each process would draw its own masks.
+    run = ("--loss", loss, "--max_steps", "5", "--save_steps", "3", "--save_total_limit", "5")
     one = _losses(train(_config(bert_without_dropout, tmp_path / "one", *run, "--per_device_train_batch_size", "16")))
     _launch_two_processes(_argv(bert_without_dropout, tmp_path / "two", *run))
     checkpoint = checkpoint_path(tmp_path / "two" / "run", 3)
