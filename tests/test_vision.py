@@ -258,6 +258,13 @@ def test_tiny_run_trains_with_each_loss(loss, extra, fake_fmnist, tmp_path):
         assert all(0 <= row["emc2_acceptance"] <= 1 for row in rows)
 
 
+def test_nt_xent_falls_as_the_encoder_learns_the_images(fake_fmnist, tmp_path):
+    result = _tiny_run(fake_fmnist, tmp_path / "run", "infonce", "--max_steps", "16", "--save_steps", "0",
+                       "--optim", "adamw", "--learning_rate", "1e-3", "--lr_scaling", "none")  # fmt: skip
+    losses = [row["loss"] for row in result.history if "loss" in row]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
+
+
 def test_checkpoint_and_final_folder_load_the_same_encoder(tiny_run):
     checkpoint = tiny_run.output_dir / "checkpoint-2"
     from_checkpoint, final = load_encoder(checkpoint), load_encoder(tiny_run.final_model)
