@@ -18,7 +18,7 @@ InfoNCE at temperature τ is ``MultipleNegativesRankingLoss(scale=1/τ)`` exactl
 (``tests/test_sentence_transformers_loss.py``).
 
 sentence-transformers' trainer runs the processes and does not tell the loss which one it is in, so a loss built
-here by name takes its rank and world size from the process group when it is first called (a loss given as an
+here by name takes its rank and world size from the process group each time it is called (a loss given as an
 instance, or ``rank`` / ``world_size`` given as settings, is used as it is).
 
 EMC² and SogCLR are not offered here: they keep state per training example, indexed by its position in the data set,
