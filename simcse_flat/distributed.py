@@ -1,4 +1,4 @@
-"""Gathering embeddings across processes, with gradient: the only module that knows about ranks.
+"""Gathering embeddings across processes, with gradient: the only module that talks to ``torch.distributed``.
 
 Every process scores its own anchors against the candidates of *all* processes (open_clip's ``local_loss``).
 The gather must carry gradient back to the process that produced each candidate, otherwise each process would
@@ -9,6 +9,12 @@ backward of :class:`_AllGather` sums, over all processes, the gradient that reac
 activations of ``r`` receive ``∂(Σ_r' L_r') / ∂z_r``. DDP then averages parameter gradients over the ``W``
 processes: ``(1/W) ∂(Σ_r' L_r')/∂θ``, which is the gradient of the mean loss over all ``W·B`` anchors — exactly
 the single-process gradient on the concatenated batch (``tests/test_distributed.py`` checks this with gloo).
+
+Losses are told their rank and world size by their caller (``rank=``, ``world_size=``, as open_clip's ``ClipLoss``;
+the trainer passes accelerate's ``process_index`` and ``num_processes``), not by :func:`rank` / :func:`world_size`
+here, which serve the caller side (the vision model's batch norm, sentence-transformers' trainer). The gathers take
+the world size their caller was built for and fail if the process group disagrees: a loss told the wrong world size
+would otherwise read its rows at the wrong offsets without a sound.
 """
 
 from __future__ import annotations
@@ -19,11 +25,17 @@ from torch import Tensor
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Processes in the default group (1 without one); for callers, which pass it on to the losses they build."""
+    return _group_size()
 
 
 def rank() -> int:
+    """This process's rank in the default group (0 without one); for callers, as :func:`world_size`."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _AllGather(torch.autograd.Function):
@@ -44,25 +56,36 @@ class _AllGather(torch.autograd.Function):
         return grad[start : start + ctx.batch]
 
 
-def gather_with_grad(tensor: Tensor) -> Tensor:
+def gather_with_grad(tensor: Tensor, world_size: int) -> Tensor:
     """Concatenate ``tensor`` (``(B, ...)``, the same ``B`` on every process) from all processes, rank order.
 
-    Differentiable; a no-op with one process.
+    Differentiable; a no-op with one process. ``world_size``: how many processes the caller expects
+    (:func:`check_gathered`).
     """
-    if world_size() == 1:
-        return tensor
-    return _AllGather.apply(tensor)
+    gathered = tensor if _group_size() == 1 else _AllGather.apply(tensor)
+    return check_gathered(gathered, tensor.size(0), world_size)
 
 
-def gather_no_grad(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` from all processes without gradient (sample ids, scores)."""
-    if world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+def gather_no_grad(tensor: Tensor, world_size: int) -> Tensor:
+    """Concatenate ``tensor`` from all processes without gradient (sample ids, scores); ``world_size`` as above."""
+    if _group_size() == 1:
+        return check_gathered(tensor, tensor.size(0), world_size)
+    parts = [torch.empty_like(tensor) for _ in range(_group_size())]
     dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+    return check_gathered(torch.cat(parts, dim=0), tensor.size(0), world_size)
 
 
-def rank_offset(local_batch: int) -> int:
-    """Index of this process's first row in a gathered tensor: targets are ``rank_offset(B) + arange(B)``."""
-    return rank() * local_batch
+def check_gathered(gathered: Tensor, local_rows: int, world_size: int) -> Tensor:
+    """``gathered`` if it holds ``world_size * local_rows`` rows, else a ``ValueError`` naming both numbers.
+
+    A size comparison, no communication: it catches a loss built for another number of processes at its first
+    gather, before any offset computed from that number is used.
+    """
+    if gathered.size(0) != world_size * local_rows:
+        raise ValueError(
+            f"gathered {gathered.size(0)} rows, expected world_size * local rows = {world_size} * {local_rows} = "
+            f"{world_size * local_rows}: the loss was built for world_size={world_size} but the process group has "
+            f"{_group_size()} process(es); build it with the group's rank and world size "
+            "(accelerate: process_index, num_processes)"
+        )
+    return gathered

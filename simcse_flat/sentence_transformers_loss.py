@@ -17,6 +17,10 @@ objective give each sentence as both anchor and positive: the two forward passes
 InfoNCE at temperature τ is ``MultipleNegativesRankingLoss(scale=1/τ)`` exactly
 (``tests/test_sentence_transformers_loss.py``).
 
+sentence-transformers' trainer runs the processes and does not tell the loss which one it is in, so a loss built
+here by name takes its rank and world size from the process group each time it is called (a loss given as an
+instance, or ``rank`` / ``world_size`` given as settings, is used as it is).
+
 EMC² and SogCLR are not offered here: they keep state per training example, indexed by its position in the data set,
 which sentence-transformers' trainer does not pass to a loss. ``train.py`` runs them.
 """
@@ -28,6 +32,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .losses import ContrastiveLoss, loss_class
 from .views import contrastive_loss_on_views
 
@@ -51,6 +56,9 @@ class SimcseFlatLoss(nn.Module):
                 "sentence-transformers' trainer does not give a loss; train it with train.py"
             )
         self.loss_fn = loss if isinstance(loss, ContrastiveLoss) else cls(**loss_kwargs)
+        # asked at the call, not here: the process group may start only after the loss is built (with the trainer)
+        told = isinstance(loss, ContrastiveLoss) or "rank" in loss_kwargs or "world_size" in loss_kwargs
+        self.rank_from_process_group = not told
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
@@ -63,6 +71,8 @@ class SimcseFlatLoss(nn.Module):
         batch = embeddings[0].size(0)
         # the trainer's own path: columns are views, stacked view-major; sample ids only name rows (no state here)
         sample_ids = torch.arange(batch, device=embeddings[0].device)
+        if self.rank_from_process_group:
+            self.loss_fn.rank, self.loss_fn.world_size = distributed.rank(), distributed.world_size()
         loss, _ = contrastive_loss_on_views(self.loss_fn, torch.cat(embeddings), sample_ids)
         return loss
 

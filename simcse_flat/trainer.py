@@ -107,7 +107,9 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         # its own generator: starting an epoch (or a resumed one) must not draw from the RNG that drives dropout
         generator=torch.Generator().manual_seed(args.seed),
     )
-    loss_fn = build_loss(config.loss.loss, dataset_size=len(dataset), **_loss_kwargs(config))
+    # the loss learns its process from us, as open_clip's ClipLoss: its offsets into gathered rows depend on it
+    loss_fn = build_loss(config.loss.loss, dataset_size=len(dataset), rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, **_loss_kwargs(config))  # fmt: skip
     step_batch = world_batch * args.gradient_accumulation_steps  # what lr_scaling scales by
     optimizer = build_optimizer(_param_groups(encoder, args.weight_decay), args, accelerator.device, step_batch)
 
@@ -298,6 +300,7 @@ def _stop_if_not_finite(
 
 
 def _loss_kwargs(config: RunConfig) -> dict:
+    """The loss's settings from the run's config (its process, rank and world size, comes from the accelerator)."""
     loss = config.loss
     kwargs = {"temperature": loss.temperature, "hard_negative_weight": loss.hard_negative_weight}
     if loss.loss == "sogclr":

@@ -4,6 +4,11 @@ The encoder sees every view of a batch in one forward pass and returns ``(V*B, D
 :class:`simcse_flat.data.text.ContrastiveCollator`). View 0 holds the anchors; view 1 the positives; view 2, when
 present, the hard negatives. Candidates are gathered from every process *with gradient* (the only place that does
 so), and the indices are offset by this process's rank, as in open_clip's ``local_loss``.
+
+The rank and world size are the loss's own (``loss_fn.rank``, ``loss_fn.world_size``, given to it by whoever built
+it), not asked of the process group: the offsets here and the loss's (DCLW's own weights, EMC²'s slice of the
+draws) then come from one source and cannot disagree, and the first gather of a step checks that source against
+the process group (a loss built for another number of processes raises there).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .distributed import gather_no_grad, gather_with_grad, rank_offset, world_size
+from .distributed import gather_no_grad, gather_with_grad
 from .losses.base import ContrastiveLoss
 
 
@@ -60,13 +65,14 @@ def contrastive_loss_on_views(
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     batch = sample_ids.size(0)
     views = split_views(embeddings, batch)  # (V, B, D)
-    gathered = [gather_with_grad(v) for v in views]  # each (W*B, D)
-    all_ids = gather_no_grad(sample_ids)  # (W*B,)
-    own = rank_offset(batch) + torch.arange(batch, device=embeddings.device)  # my rows in a gathered view
+    world = loss_fn.world_size
+    gathered = [gather_with_grad(v, world) for v in views]  # each (W*B, D)
+    all_ids = gather_no_grad(sample_ids, world)  # (W*B,)
+    own = torch.arange(world * batch, device=embeddings.device)[loss_fn.own_rows(batch)]  # my rows in a gathered view
     for_step = {} if encode_samples is None else loss_fn.inputs_for_step(encode_samples)
     duplicates = None
     if sample_keys is not None:
-        duplicates = _duplicates(sample_ids, sample_keys, all_ids, gather_no_grad(sample_keys))
+        duplicates = _duplicates(sample_ids, sample_keys, all_ids, gather_no_grad(sample_keys, world))
 
     def score(anchors: Tensor, candidates: Tensor, positive: Tensor, masked_blocks: int | None = None,
               **kwargs) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
@@ -81,7 +87,7 @@ def contrastive_loss_on_views(
         if negatives != "cross_view":
             raise ValueError("negatives: all_views takes two views a sample; supervised triples use cross_view")
         candidates = torch.cat(gathered[1:])  # (2*W*B, D): positives, then hard negatives
-        hard_negative = own + world_size() * batch
+        hard_negative = own + world * batch
         hard_ids = -1 - all_ids  # a hard negative is another sentence of its sample: ids -1 - index (losses/base.py)
         return score(views[0], candidates, own, candidate_ids=torch.cat([all_ids, hard_ids]),
                      hard_negative_index=hard_negative, masked_blocks=1)  # fmt: skip

@@ -1,8 +1,13 @@
-"""The cross-process gather: two gloo processes must produce the single-process gradient of the whole batch."""
+"""The cross-process gather: two gloo processes must produce the single-process loss and gradient of the whole batch.
+
+Each process builds its loss with the rank and world size it is told (as the trainer does from accelerate), and a
+loss told the wrong world size must refuse at its first gather rather than read the wrong rows.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +25,10 @@ BATCH, DIM, VIEWS_OF = 4, 6, {"unsup": 2, "sup": 3}
 LOSS_SETTINGS = {"dclw": ("dcl", {"weight_sigma": 0.5})}  # test name -> loss and its own settings
 
 
-def _loss(name: str):
+def _loss(name: str, **process):
+    """``process``: ``rank`` and ``world_size``, as a caller passes them; none for one process."""
     loss, settings = LOSS_SETTINGS.get(name, (name, {}))
-    return build_loss(loss, temperature=0.1, hard_negative_weight=0.5, **settings)
+    return build_loss(loss, temperature=0.1, hard_negative_weight=0.5, **settings, **process)
 
 
 class _Encoder(nn.Sequential):
@@ -45,28 +51,40 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, out: str, chunk: int,
-            negatives: str) -> None:
+def _in_process_group(rank: int, world: int, init_method: str, work) -> None:
+    """Run ``work()`` as process ``rank`` of a gloo group of ``world``, then end the process (``end_worker``)."""
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
-        model = nn.parallel.DistributedDataParallel(_encoder())
-        inputs, ids = _inputs(world, VIEWS_OF[mode])
-        mine = slice(rank * BATCH, (rank + 1) * BATCH)
-        rows = inputs[:, mine].reshape(-1, DIM)  # this process's examples, all views, view-major
-        loss_fn = _loss(loss_name)
-        # GradCache: each chunk's backward but the last under DDP's no_sync (one reduction a step, same sum)
-        cache = GradCache(model, chunk, model.no_sync) if chunk else None
-        embeddings = cache.encode({"x": rows}) if cache else model(rows)
-        loss, _ = contrastive_loss_on_views(loss_fn, embeddings, ids[mine], negatives=negatives)
-        loss.backward()
-        if cache:
-            cache.backward()
-        if rank == 0:
-            torch.save(_grads(model.module), out)
+        work()
         dist.barrier()
     finally:
         dist.destroy_process_group()
     end_worker()
+
+
+def _my_rows(rank: int, world: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's slice of the whole batch: its examples, all views, view-major ``(V*B, DIM)``, and their ids."""
+    inputs, ids = _inputs(world, VIEWS_OF[mode])
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    return inputs[:, mine].reshape(-1, DIM), ids[mine]
+
+
+def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, out: str, chunk: int,
+            negatives: str) -> None:
+    def work() -> None:
+        model = nn.parallel.DistributedDataParallel(_encoder())
+        rows, ids = _my_rows(rank, world, mode)
+        loss_fn = _loss(loss_name, rank=rank, world_size=world)  # told by the caller, as the trainer does
+        # GradCache: each chunk's backward but the last under DDP's no_sync (one reduction a step, same sum)
+        cache = GradCache(model, chunk, model.no_sync) if chunk else None
+        embeddings = cache.encode({"x": rows}) if cache else model(rows)
+        loss, _ = contrastive_loss_on_views(loss_fn, embeddings, ids, negatives=negatives)
+        loss.backward()
+        if cache:
+            cache.backward()
+        torch.save({"loss": loss.detach(), "grads": _grads(model.module)}, f"{out}.{rank}")
+
+    _in_process_group(rank, world, init_method, work)
 
 
 @pytest.mark.parametrize(
@@ -78,24 +96,55 @@ def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, 
 )
 def test_two_gloo_processes_give_the_single_process_gradient(tmp_path, mode, loss_name, chunk, negatives):
     world = 2
-    out = str(tmp_path / "grads.pt")
+    out = str(tmp_path / "result")
     mp.spawn(_worker, args=(world, loopback_init_method(), mode, loss_name, out, chunk, negatives), nprocs=world,
              join=True)
-    two_process = torch.load(out)
+    ranks = [torch.load(f"{out}.{rank}") for rank in range(world)]
 
     model = _encoder()
     inputs, ids = _inputs(world, VIEWS_OF[mode])
     loss_fn = _loss(loss_name)
     loss, _ = contrastive_loss_on_views(loss_fn, model(inputs.reshape(-1, DIM)), ids, negatives=negatives)
     loss.backward()
-    for got, expected in zip(two_process, _grads(model)):
+    # each process's loss is the mean over its own anchors: their mean is the mean over the whole batch
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / world, loss.detach(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(ranks[0]["grads"], _grads(model)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def _untold_worker(rank: int, world: int, init_method: str, out: str) -> None:
+    def work() -> None:
+        rows, ids = _my_rows(rank, world, "unsup")
+        try:  # built as for one process, run in two: the first gather must say so
+            contrastive_loss_on_views(_loss("infonce"), _encoder()(rows), ids)
+        except ValueError as error:
+            Path(f"{out}.{rank}").write_text(str(error))
+
+    _in_process_group(rank, world, init_method, work)
+
+
+def test_a_loss_built_for_one_process_refuses_to_run_in_two(tmp_path):
+    world, out = 2, str(tmp_path / "error")
+    mp.spawn(_untold_worker, args=(world, loopback_init_method(), out), nprocs=world, join=True)
+    for rank in range(world):
+        message = Path(f"{out}.{rank}").read_text()  # absent: no error was raised
+        assert f"gathered {world * BATCH} rows" in message and f"1 * {BATCH}" in message, message
+
+
+def test_a_loss_told_more_processes_than_there_are_refuses():
+    # DCLW gathers inside the loss: called directly, that gather is the first and checks the world size
+    loss_fn = _loss("dclw", rank=1, world_size=2)
+    anchors = torch.randn(BATCH, DIM)
+    with pytest.raises(ValueError, match=rf"gathered {BATCH} rows.*2 \* {BATCH}"):
+        loss_fn(anchors, torch.randn(BATCH, DIM), torch.arange(BATCH))
+    with pytest.raises(ValueError, match="rank must be in"):
+        _loss("infonce", rank=2, world_size=2)
+
+
 def test_gather_is_identity_with_one_process():
-    from simcse_flat.distributed import gather_with_grad, rank_offset
+    from simcse_flat.distributed import gather_with_grad
 
     x = torch.randn(3, 2)
-    assert gather_with_grad(x) is x
-    assert rank_offset(3) == 0
+    assert gather_with_grad(x, world_size=1) is x
+    assert _loss("infonce").own_rows(3) == slice(0, 3)
     assert not dist.is_initialized() or os.environ.get("WORLD_SIZE") == "1"

@@ -394,7 +394,7 @@ def _worker(rank: int, init_method: str, out: str) -> None:
         mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = {}
         for name in STATEFUL:
-            loss_fn = build_loss(name, dataset_size=SAMPLES, temperature=TAU)
+            loss_fn = build_loss(name, dataset_size=SAMPLES, temperature=TAU, rank=rank, world_size=WORLD)
             grads = _train(nn.parallel.DistributedDataParallel(_encoder()), loss_fn, mine)
             results[name] = {"grads": grads, "state": loss_fn.state_dict()}
         torch.save(results, f"{out}.{rank}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+from simcse_flat import distributed
 from simcse_flat.losses import FlatNCELoss
 from simcse_flat.sentence_transformers_loss import SimcseFlatLoss
 
@@ -62,6 +63,20 @@ def test_flatnce_scores_each_anchor_against_every_positive_and_negative_by_hand(
     torch.testing.assert_close(value, expected)
     assert loss.get_config_dict() == FlatNCELoss(temperature=0.1).get_config_dict()
     assert "2107.01152" in loss.citation
+
+
+def test_a_loss_built_by_name_takes_its_process_from_the_group_when_called(monkeypatch):
+    # ST's trainer tells a loss nothing: the rank and world size are asked when it is called, not when it is built
+    built = SimcseFlatLoss(torch.nn.Identity(), "flatnce")
+    told = SimcseFlatLoss(torch.nn.Identity(), "flatnce", rank=0, world_size=1)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)  # as if process 1 of 2 when the trainer calls the loss
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    columns = list(torch.randn(2, 4, 8).unbind(0))
+    with pytest.raises(ValueError, match="world_size=2"):  # took the group's size (there is no real group of 2)
+        built.compute_loss_from_embeddings(columns)
+    assert (built.loss_fn.rank, built.loss_fn.world_size) == (1, 2)
+    told.compute_loss_from_embeddings(columns)  # the settings it was given are kept
+    assert (told.loss_fn.rank, told.loss_fn.world_size) == (0, 1)
 
 
 def test_losses_with_per_example_state_and_other_column_counts_are_refused(tiny_st):

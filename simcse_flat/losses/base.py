@@ -25,6 +25,12 @@ Similarities are cosine similarities divided by the temperature, ``s_ij = cos(a_
 even under bf16/fp16 autocast: at τ = 0.05 a logit spans ±20, and half precision would round away the small
 differences FlatNCE exists to keep.
 
+A loss is told which process it runs on by its caller, ``rank`` and ``world_size`` in the constructor (as open_clip's
+``ClipLoss``; the trainer passes accelerate's ``process_index`` and ``num_processes``, and the defaults are one
+process). It uses them to find its own rows among gathered ones (``rank * B``) and to scale means over every
+process's anchors; it never asks the process group. Gathers go through :mod:`simcse_flat.distributed` with this
+``world_size``, which raises a ``ValueError`` if the process group has another size.
+
 Every loss reports the InfoNCE value of its own logits (``infonce``) and the positive's top-1 accuracy, so
 curves from different losses can be read on one axis.
 """
@@ -45,17 +51,28 @@ class ContrastiveLoss(nn.Module):
         temperature: τ in ``s = cos / τ``. SimCSE uses 0.05, SimCLR 0.1-0.5.
         hard_negative_weight: added to the logit of each anchor's own hard negative, SimCSE's
             ``hard_negative_weight`` (it adds this value to the scaled logit; 0 leaves the logit as it is).
+        rank: this process's index among the ``world_size`` processes that each score their own anchors against the
+            gathered candidates (0 for a single process).
+        world_size: the number of those processes (1 for a single process).
     """
 
     name: str = "base"
     citation: str = ""
 
-    def __init__(self, temperature: float = 0.05, hard_negative_weight: float = 0.0) -> None:
+    def __init__(
+        self, temperature: float = 0.05, hard_negative_weight: float = 0.0, rank: int = 0, world_size: int = 1
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_rank(rank, world_size)
         self.temperature = temperature
         self.hard_negative_weight = hard_negative_weight
+        self.rank, self.world_size = rank, world_size
+
+    def own_rows(self, local_rows: int) -> slice:
+        """Where this process's ``local_rows`` rows lie in a tensor gathered from every process (rank order)."""
+        return slice(self.rank * local_rows, (self.rank + 1) * local_rows)
 
     def get_config_dict(self) -> dict[str, float | str]:
         return {"loss": self.name, "temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight}
@@ -127,6 +144,12 @@ class ContrastiveLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss proper: ``(B, N)`` fp32 logits and positive columns in, ``(loss, metrics)`` out."""
         raise NotImplementedError
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    """A ``ValueError`` unless ``0 <= rank < world_size``: a rank past the end would slice no rows at all."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
 
 
 def _one_hot_mask(logits: Tensor, index: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..distributed import gather_with_grad, rank_offset
+from ..distributed import gather_with_grad
 from .base import ContrastiveLoss, negative_logsumexp, positive_logits
 
 
@@ -39,6 +39,8 @@ class DCLLoss(ContrastiveLoss):
         temperature: τ.
         hard_negative_weight: see :class:`~simcse_flat.losses.base.ContrastiveLoss`.
         weight_sigma: σ of the DCLW weighting; ``None`` (default) is plain DCL. The paper uses 0.5.
+        rank, world_size: this process and the number of processes (see
+            :class:`~simcse_flat.losses.base.ContrastiveLoss`); DCLW gathers every process's positive cosines.
 
     Relations: with :math:`w_i = 1`, :math:`\ell_i` *is* :class:`FlatNCELoss`'s
     :math:`\operatorname{logsumexp}_{j \ne t_i} s_{ij} - s_{i,t_i}`, value and gradient, for any candidates;
@@ -57,9 +59,14 @@ class DCLLoss(ContrastiveLoss):
 }"""
 
     def __init__(
-        self, temperature: float = 0.05, hard_negative_weight: float = 0.0, weight_sigma: float | None = None
+        self,
+        temperature: float = 0.05,
+        hard_negative_weight: float = 0.0,
+        weight_sigma: float | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__(temperature, hard_negative_weight)
+        super().__init__(temperature, hard_negative_weight, rank, world_size)
         if weight_sigma is not None and weight_sigma <= 0:
             raise ValueError(f"weight_sigma must be > 0 (or None for plain DCL), got {weight_sigma}")
         self.weight_sigma = weight_sigma
@@ -78,8 +85,7 @@ class DCLLoss(ContrastiveLoss):
 
     def positive_weights(self, positive_cosines: Tensor) -> Tensor:
         """DCLW's :math:`w_i` for this process's anchors from their ``(B,)`` positive cosines."""
-        everyone = gather_with_grad(positive_cosines)  # (W*B,)
+        everyone = gather_with_grad(positive_cosines, self.world_size)  # (W*B,)
         # e^{c_i/σ} / mean_k e^{c_k/σ} = K softmax_i, stable
         relative = everyone.numel() * torch.softmax(everyone / self.weight_sigma, dim=0)
-        start = rank_offset(positive_cosines.numel())
-        return 2.0 - relative[start : start + positive_cosines.numel()]
+        return 2.0 - relative[self.own_rows(positive_cosines.numel())]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import gather_no_grad, world_size
+from ..distributed import gather_no_grad
 from .base import ContrastiveLoss, negative_logsumexp, positive_logits
 from .emc2_chains import McmcNegativeSampler
 
@@ -100,6 +100,7 @@ class EMC2Loss(ContrastiveLoss):
         seed: seed of the sampler's generator (its state is saved in ``state_dict()``).
         proposals: ``paper`` kernel only: uniform proposals per anchor and step, ``K`` (``None``: 1).
         kernel: ``paper`` or ``official_scan`` (see above).
+        rank, world_size: see :class:`~simcse_flat.losses.base.ContrastiveLoss`; the sampler is handed the same.
 
     Inputs: ``anchor_ids`` and ``candidate_ids`` (data-set indices) are required; ``chain_negatives`` is optional
     (the loop hands it over through :meth:`inputs_for_step`, the one hook between a loss and the loop).
@@ -129,15 +130,17 @@ class EMC2Loss(ContrastiveLoss):
         seed: int = 0,
         proposals: int | None = None,
         kernel: str = "official_scan",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__(temperature, hard_negative_weight)
+        super().__init__(temperature, hard_negative_weight, rank, world_size)
         if proposals is not None and proposals < 1:
             raise ValueError(f"EMC² needs at least one proposal per anchor and step, got {proposals}")
         if kernel not in KERNELS:
             raise ValueError(f"EMC² kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel != "paper" and proposals not in (None, 1):
             raise ValueError(f"proposals is the paper kernel's; the {kernel} kernel offers every column once")
-        self.sampler = McmcNegativeSampler(dataset_size, seed)
+        self.sampler = McmcNegativeSampler(dataset_size, seed, rank, world_size)
         self.proposals = proposals or 1
         self.kernel = kernel
 
@@ -202,8 +205,8 @@ class EMC2Loss(ContrastiveLoss):
         negative, used = self._chain_negative_logits(logits, step, anchor_ids, chain_logits)
         per_anchor = torch.where(used, negative - positive_logits(logits, positive_index), 0.0)
         # mean over the used anchors of *all* processes; DDP's average over processes undoes the factor W
-        used_everywhere = gather_no_grad(used.sum().reshape(1)).sum().clamp(min=1)
-        loss = per_anchor.sum() * world_size() / used_everywhere
+        used_everywhere = gather_no_grad(used.sum().reshape(1), self.world_size).sum().clamp(min=1)
+        loss = per_anchor.sum() * self.world_size / used_everywhere
         return loss, {
             "emc2_acceptance": step.acceptance,
             "emc2_used": used.float().mean(),

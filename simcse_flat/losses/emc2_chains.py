@@ -29,8 +29,9 @@ global RNG did in between.
 
 With several processes each process updates the chains of its own anchors, then all-gathers the updated rows so
 every process holds the same full state (what a checkpoint written by one process must contain). The generator
-draws numbers for the anchors of *all* processes and each uses its slice: every process keeps the same generator
-state, and ``W`` processes of ``B`` anchors make the same moves as one process with the concatenated batch.
+draws numbers for the anchors of *all* processes and each uses its slice (``rank`` and ``world_size``, handed over
+by the loss, which has them from its caller): every process keeps the same generator state, and ``W`` processes
+of ``B`` anchors make the same moves as one process with the concatenated batch.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..distributed import gather_no_grad, rank_offset, world_size
+from ..distributed import gather_no_grad
+from .base import check_rank
 
 
 class McmcStep(NamedTuple):
@@ -60,12 +62,16 @@ class McmcNegativeSampler(nn.Module):
             state is a candidate of the data set: ``j < m`` stands for sample ``j``'s positive view, ``m + j`` for
             its hard negative (supervised data).
         seed: seed of the sampler's own generator.
+        rank, world_size: this process and the number of processes, from the loss that owns the sampler (its
+            caller's): which slice of the draws is this process's, and how many rows the state updates gather.
     """
 
-    def __init__(self, dataset_size: int, seed: int = 0) -> None:
+    def __init__(self, dataset_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         if dataset_size < 2:
             raise ValueError(f"MCMC negative sampling needs a data set of at least 2 samples, got {dataset_size}")
+        check_rank(rank, world_size)
+        self.rank, self.world_size = rank, world_size
         # -1 / -inf: an empty chain, whose first proposal is always accepted
         self.register_buffer("negative_ids", torch.full((dataset_size,), -1, dtype=torch.int64))
         self.register_buffer("log_scores", torch.full((dataset_size,), float("-inf"), dtype=torch.float32))
@@ -158,14 +164,14 @@ class McmcNegativeSampler(nn.Module):
 
     def _uniforms(self, batch: int, steps: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(K, B)`` ``U[0, 1)`` draws twice: this process's slice of the draws for every process's anchors."""
-        draws = torch.rand(2, steps, world_size() * batch, generator=self.generator)
-        mine = draws[..., rank_offset(batch) : rank_offset(batch) + batch].to(device)
+        draws = torch.rand(2, steps, self.world_size * batch, generator=self.generator)
+        mine = draws[..., self.rank * batch : (self.rank + 1) * batch].to(device)
         return mine[0], mine[1]
 
     def _store(self, anchor_ids: Tensor, negative_ids: Tensor, log_scores: Tensor) -> None:
-        ids = gather_no_grad(anchor_ids)  # every process writes every process's rows: one identical state
-        self.negative_ids[ids] = gather_no_grad(negative_ids)
-        self.log_scores[ids] = gather_no_grad(log_scores)
+        ids = gather_no_grad(anchor_ids, self.world_size)  # every process writes every process's rows: one state
+        self.negative_ids[ids] = gather_no_grad(negative_ids, self.world_size)
+        self.log_scores[ids] = gather_no_grad(log_scores, self.world_size)
 
     def _check_ids(self, anchor_ids: Tensor, candidate_ids: Tensor) -> None:
         # an id past the end would be a device-side assert on GPU; say what is wrong instead

@@ -51,6 +51,8 @@ class SogCLRLoss(ContrastiveLoss):
         hard_negative_weight: see :class:`~simcse_flat.losses.base.ContrastiveLoss`.
         gamma: weight of the batch estimate in the moving average, in (0, 1]. 0.9 (LibAUC's default) keeps 10%
             of the past; 1 forgets it.
+        rank, world_size: see :class:`~simcse_flat.losses.base.ContrastiveLoss`; every process's updated rows are
+            gathered, so all hold one state.
 
     Inputs: ``anchor_ids`` (data-set indices) are required. Metrics: ``sogclr_log_u`` (mean :math:`\log u_i`),
     ``sogclr_weight_mean`` (mean over anchors of :math:`\hat g_i / u_i`; 1 when the average agrees with the batch).
@@ -73,9 +75,15 @@ class SogCLRLoss(ContrastiveLoss):
 }"""
 
     def __init__(
-        self, dataset_size: int, temperature: float = 0.05, hard_negative_weight: float = 0.0, gamma: float = 0.9
+        self,
+        dataset_size: int,
+        temperature: float = 0.05,
+        hard_negative_weight: float = 0.0,
+        gamma: float = 0.9,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__(temperature, hard_negative_weight)
+        super().__init__(temperature, hard_negative_weight, rank, world_size)
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         self.gamma = gamma
@@ -108,6 +116,6 @@ class SogCLRLoss(ContrastiveLoss):
         keep = math.log(1.0 - self.gamma) if self.gamma < 1.0 else float("-inf")
         blended = torch.logaddexp(old + keep, batch_log_g + math.log(self.gamma))
         new = torch.where(torch.isneginf(old), batch_log_g, blended)
-        ids = gather_no_grad(anchor_ids)  # every process writes every process's rows: one identical state
-        self.log_u[ids] = gather_no_grad(new)
+        ids = gather_no_grad(anchor_ids, self.world_size)  # every process writes every process's rows: one state
+        self.log_u[ids] = gather_no_grad(new, self.world_size)
         return new
