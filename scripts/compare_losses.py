@@ -28,7 +28,7 @@ A sweep over batch sizes:
 * ``--tune_learning_rates`` x ``--tune_temperatures``: each loss first trains at the base batch size and the first
   seed with every pair, and keeps the pair whose final dev score is highest (the table says which it got).
 
-Every sweep writes ``results.csv`` in ``--output_dir`` (a row per run) and, with two batch sizes or more, a plot
+Every sweep writes ``results.csv`` in ``--output_dir`` (a row per run; ``--results`` elsewhere) and, with two batch sizes or more, a plot
 (``--plot``, PNG): the metric's final value against the batch size (log 2), a line per loss with its mean +- sd over
 seeds, and the untrained model as a horizontal line (text: the step-0 evaluation; vision: the untrained probe).
 
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tune_learning_rates", nargs="+", type=float, default=[], metavar="LR")
     parser.add_argument("--tune_temperatures", nargs="+", type=float, default=[], metavar="TAU")
     parser.add_argument("--plot", help="the plot's PNG (default: plot.png in --output_dir, with 2+ batch sizes)")
+    parser.add_argument("--results", help="the CSV of all runs (default: results.csv in --output_dir)")
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="vision: labelled images to fit on")
     parser.add_argument("--probe_test_samples", type=int, default=2_000, help="vision: labelled images to score")
     parser.add_argument("--test_data_dir", help="text: also score each final model on SentEval's STS test sets "
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(format_table(rows))
     if len(args.seeds) > 1:
         print(format_seed_summary([r for r in rows if not r.get("tuning")]))
-    write_results(rows, sweep.out / "results.csv", untrained)
+    write_results(rows, Path(args.results or sweep.out / "results.csv"), untrained)
     if len([b for b in args.batch_sizes if b]) > 1:
         metric = "linear" if untrained is not None else "final"
         plot = Path(args.plot or sweep.out / "plot.png")
