@@ -89,7 +89,7 @@ def sts_evaluator(config: RunConfig) -> Callable[[nn.Module], dict]:
 
 
 def check_modality_settings(config: RunConfig) -> None:
-    """The settings one modality reads, checked before anything loads (:func:`simcse_flat.config.validate`)."""
+    """The settings one modality reads, checked before anything loads (:func:`simcse_flat.config_checks.validate`)."""
     if _check_modality(config) == "vision":
         try:
             from .vision import check_vision_settings

@@ -42,7 +42,7 @@ TRANSFER_MODES = ("linear_eval", "finetune")
 
 
 def check_vision_settings(config: RunConfig) -> None:
-    """``modality: vision``'s settings, checked before anything loads (:func:`simcse_flat.config.validate`)."""
+    """``modality: vision``'s settings, checked before anything loads (:func:`simcse_flat.config_checks.validate`)."""
     vision = config.vision
     check_choice("vision_dataset", vision.vision_dataset, tuple(DATASETS))
     check_choice("arch", vision.arch, ARCHS)
