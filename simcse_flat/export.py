@@ -160,6 +160,10 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
     rows = [f"| pooler | `{config.get('pooler') or encoder.pooler}` (mlp_only_train: {config.get('mlp_only_train')}) |",
             f"| max sequence length (training) | {config.get('max_seq_length')} |",
             f"| training data | `{_names(config.get('train_file'))}` |"]  # fmt: skip
+    if config.get("model_type"):  # no base model: say what it started from
+        rows.insert(0, f"| initialisation | from scratch: `{config['model_type']}` "
+                       f"({config.get('config_overrides') or 'its default config'}), random weights from seed "
+                       f"{config.get('seed')}, tokenizer `{config.get('tokenizer_name')}` |")  # fmt: skip
     return text.rstrip() + "\n\n" + summary.section(rows)
 
 

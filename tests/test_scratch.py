@@ -88,6 +88,8 @@ def test_a_run_from_scratch_starts_at_the_untrained_encoder_and_exports_a_senten
     expected = evaluate_sts(untrained.encode, ["stsb"], SENTEVAL_SAMPLE, split="dev")["stsb_spearman"]
     assert step0["eval/stsb_spearman"] == pytest.approx(expected, abs=1e-6)
 
+    card = (result.final_model / "README.md").read_text()
+    assert "| initialisation | from scratch: `bert` (num_hidden_layers=1," in card and "seed 7" in card
     trained = SentenceTransformer(str(result.final_model), device="cpu")  # no simcse_flat needed to load it
     moved = np.abs(trained.encode(["a man is playing"]) - untrained.encode(["a man is playing"])).max()
     assert moved > 1e-3  # it trained
