@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simcse_flat.losses import build_loss
+from simcse_flat.losses import ContrastiveLoss, build_loss
 from simcse_flat.views import contrastive_loss_on_views
 
 TAU = 0.1
@@ -49,8 +49,8 @@ def test_a_planted_duplicate_gives_the_loss_and_gradient_of_the_batch_without_it
     assert abs(unmasked.item() - masked.item()) > 1e-3  # the duplicate did count as a negative before
 
 
-class _Recording(torch.nn.Module):
-    """A loss that records the duplicate mask it is handed."""
+class _Recording(ContrastiveLoss):
+    """A loss that records the duplicate mask it is handed (one process: the base class's rank 0 of 1)."""
 
     def __init__(self) -> None:
         super().__init__()
