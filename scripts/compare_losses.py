@@ -24,9 +24,11 @@ A sweep over batch sizes:
 
 * ``--examples N`` gives every run the same data (``max_steps`` = N / batch, evaluated every quarter of it):
   equal examples, equal compute; without it every run takes the config's ``max_steps`` (equal steps).
-* ``--lr_scaling linear | sqrt`` scales the learning rate with the batch from ``--base_batch_size``.
-* ``--tune_learning_rates`` x ``--tune_temperatures``: each loss first trains at the base batch size and the first
-  seed with every pair, and keeps the pair whose final dev score is highest (the table says which it got).
+* ``--lr_scaling linear | sqrt`` scales the learning rate (the tuned one, else the config's or ``--learning_rate``)
+  with the batch from ``--base_batch_size``.
+* ``--tune_learning_rates`` x ``--tune_temperatures``: each loss first trains at the base batch size and
+  ``--tune_seed`` (default: the first of ``--seeds``) with every pair, and keeps the pair whose final dev score is
+  highest (it prints which it got).
 
 Every sweep writes ``results.csv`` in ``--output_dir`` (a row per run; ``--results`` elsewhere) and, with two batch sizes or more, a plot
 (``--plot``, PNG): the metric's final value against the batch size (log 2), a line per loss with its mean +- sd over
@@ -73,14 +75,17 @@ class Sweep:
     examples: int | None = None
     lr_scaling: str = "none"
     base_batch_size: int = 0  # 0: the config's
+    base_learning_rate: float | None = None  # the config's (and the command line's), scaled when no tuning gives one
 
     def settings(self, batch_size: int | None, learning_rate: float | None, temperature: float | None) -> list[str]:
-        """The flags a run gets for its batch size: steps from the data budget, the scaled learning rate."""
+        """The flags a run gets for its batch size: steps from the data budget, the scaled learning rate. They come
+        after the extra flags, so they win: ``--learning_rate`` there is the base the rule scales."""
         flags = []
         if temperature is not None:
             flags += ["--temperature", repr(temperature)]
-        if learning_rate is not None:
-            flags += ["--learning_rate", repr(scaled_lr(learning_rate, batch_size or self.base_batch_size,
+        base_lr = learning_rate if learning_rate is not None else self.base_learning_rate
+        if base_lr is not None and (learning_rate is not None or self.lr_scaling != "none"):
+            flags += ["--learning_rate", repr(scaled_lr(base_lr, batch_size or self.base_batch_size,
                                                          self.base_batch_size, self.lr_scaling))]  # fmt: skip
         if self.examples and batch_size:
             steps = math.ceil(self.examples / batch_size)
@@ -104,7 +109,7 @@ def run_one(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, f
     if (output_dir / ROW_FILE).exists():
         return json.loads((output_dir / ROW_FILE).read_text())
     argv = ["--config", sweep.config_file, "--loss", loss, "--output_dir", str(output_dir), "--report_to", "none",
-            "--resume_from", "latest", *sweep.settings(batch_size, learning_rate, temperature), *sweep.extra]  # fmt: skip
+            "--resume_from", "latest", *sweep.extra, *sweep.settings(batch_size, learning_rate, temperature)]  # fmt: skip
     if batch_size:
         argv += ["--per_device_train_batch_size", str(batch_size)]
     if seed is not None:
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "tuning runs (default: the config's per_device_train_batch_size)")  # fmt: skip
     parser.add_argument("--tune_learning_rates", nargs="+", type=float, default=[], metavar="LR")
     parser.add_argument("--tune_temperatures", nargs="+", type=float, default=[], metavar="TAU")
+    parser.add_argument("--tune_seed", type=int, help="the seed the tuning runs take (default: the first of --seeds)")
     parser.add_argument("--plot", help="the plot's PNG (default: plot.png in --output_dir, with 2+ batch sizes)")
     parser.add_argument("--results", help="the CSV of all runs (default: results.csv in --output_dir)")
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="vision: labelled images to fit on")
@@ -218,17 +224,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     baseline = parse_config(["--config", args.config, *extra])
     base_batch = args.base_batch_size or baseline.training.per_device_train_batch_size
     sweep = Sweep(args.config, Path(args.output_dir), extra, probe, test_tasks, args.examples, args.lr_scaling,
-                  base_batch)  # fmt: skip
+                  base_batch, baseline.training.learning_rate)  # fmt: skip
+    tune_seed = args.tune_seed if args.tune_seed is not None else args.seeds[0]
     untrained = untrained_scores(baseline, probe)
     rows = [{"run": "untrained", **untrained}] if untrained is not None else []
     chosen = {}
     for loss in args.losses:
         if args.tune_learning_rates or args.tune_temperatures:
-            lr, tau, tuning = tune(sweep, loss, base_batch, args.seeds[0], args.tune_learning_rates,
+            lr, tau, tuning = tune(sweep, loss, base_batch, tune_seed, args.tune_learning_rates,
                                    args.tune_temperatures)  # fmt: skip
             rows += tuning
             chosen[loss] = (lr, tau)
-            print(f"{loss}: learning rate {lr} and temperature {tau} at batch {base_batch} (best final dev score)")
+            print(f"{loss}: learning rate {lr} and temperature {tau} at batch {base_batch}, seed {tune_seed} "
+                  "(best final dev score)")  # fmt: skip
     rows += [
         run_one(sweep, loss, batch, seed, None, *chosen.get(loss, (None, None)))
         for seed in args.seeds  # a seed's whole curve first: a sweep stopped early has complete curves

@@ -116,7 +116,12 @@ def test_a_data_budget_gives_every_batch_size_the_same_examples(tmp_path):
     assert values["--max_steps"] == "16"  # ceil(1000 / 64): every run sees at least the budget
     assert values["--eval_steps"] == "4" and values["--save_steps"] == "8"
     assert float(values["--learning_rate"]) == pytest.approx(2e-3) and values["--temperature"] == "0.1"
-    assert math.ceil(1000 / 8) == int(dict(zip(*[iter(sweep.settings(8, None, None))] * 2))["--max_steps"])
+    untuned = dict(zip(*[iter(sweep.settings(8, None, None))] * 2))
+    assert untuned["--max_steps"] == str(math.ceil(1000 / 8)) and "--learning_rate" not in untuned  # no base lr
+    sweep.base_learning_rate = 4e-4  # the config's: scaled by the rule when no tuning gave one
+    assert float(dict(zip(*[iter(sweep.settings(64, None, None))] * 2))["--learning_rate"]) == pytest.approx(8e-4)
+    sweep.lr_scaling = "none"  # and left to the config when there is no rule
+    assert "--learning_rate" not in sweep.settings(64, None, None)
 
 
 def test_tuning_keeps_the_pair_with_the_best_final_dev_score(tmp_path, monkeypatch):
