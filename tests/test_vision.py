@@ -311,3 +311,24 @@ def test_compare_losses_probes_each_run_and_the_untrained_encoder(fake_fmnist, t
     # eval_steps logs kNN accuracy (no "_spearman" key): the run's headline is that, before and after training
     (before, after) = [r["eval/knn_accuracy"] for r in read_log(tmp_path / "c" / "flatnce") if "eval/knn_accuracy" in r]
     assert (rows[2]["before"], rows[2]["final"]) == (before, after)
+
+
+def test_a_vision_sweep_plots_linear_probe_accuracy_against_the_batch(fake_fmnist, tmp_path):
+    import csv
+
+    script = load_script("compare_losses")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"modality: vision\nvision_dataset: fashion_mnist\ndata_root: {fake_fmnist}\nimage_size: 16\n"
+        "projection_dim: 16\noptim: lars\nmax_grad_norm: 0\nsave_steps: 0\nreport_to: none\nseed: 3\n"
+    )
+    rows = script.main(["--config", str(config), "--losses", "infonce", "--batch_sizes", "4", "8", "--examples", "16",
+                        "--output_dir", str(tmp_path / "c"), "--probe_train_samples", "64",
+                        "--probe_test_samples", "40"])  # fmt: skip
+    untrained, b4, b8 = rows
+    assert (b4["steps"], b8["steps"]) == (4, 2)  # the same 16 images' worth of batches
+    with open(tmp_path / "c" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["linear"]) for r in table] == [round(b4["linear"], 4), round(b8["linear"], 4)]
+    assert {float(r["untrained"]) for r in table} == {round(untrained["linear"], 4)}  # the probe of the random init
+    assert (tmp_path / "c" / "plot.png").read_bytes()[:4] == b"\x89PNG"
