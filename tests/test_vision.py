@@ -323,7 +323,7 @@ def test_a_vision_sweep_plots_linear_probe_accuracy_against_the_batch(fake_fmnis
         "projection_dim: 16\noptim: lars\nmax_grad_norm: 0\nsave_steps: 0\nreport_to: none\nseed: 3\n"
     )
     rows = script.main(["--config", str(config), "--losses", "infonce", "--batch_sizes", "4", "8", "--examples", "16",
-                        "--output_dir", str(tmp_path / "c"), "--probe_train_samples", "64",
+                        "--output_dir", str(tmp_path / "c"), "--probe_train_samples", "10",
                         "--probe_test_samples", "40"])  # fmt: skip
     untrained, b4, b8 = rows
     assert (b4["steps"], b8["steps"]) == (4, 2)  # the same 16 images' worth of batches
