@@ -68,7 +68,8 @@ def contrastive_loss_on_views(
     world = loss_fn.world_size
     gathered = [gather_with_grad(v, world) for v in views]  # each (W*B, D)
     all_ids = gather_no_grad(sample_ids, world)  # (W*B,)
-    own = torch.arange(world * batch, device=embeddings.device)[loss_fn.own_rows(batch)]  # my rows in a gathered view
+    rows = loss_fn.own_rows(batch)
+    own = torch.arange(rows.start, rows.stop, device=embeddings.device)  # my rows in a gathered view
     for_step = {} if encode_samples is None else loss_fn.inputs_for_step(encode_samples)
     duplicates = None
     if sample_keys is not None:

@@ -72,7 +72,7 @@ class ContrastiveLoss(nn.Module):
 
     def own_rows(self, local_rows: int) -> slice:
         """Where this process's ``local_rows`` rows lie in a tensor gathered from every process (rank order)."""
-        return slice(self.rank * local_rows, (self.rank + 1) * local_rows)
+        return own_rows(self.rank, local_rows)
 
     def get_config_dict(self) -> dict[str, float | str]:
         return {"loss": self.name, "temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight}
@@ -144,6 +144,11 @@ class ContrastiveLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss proper: ``(B, N)`` fp32 logits and positive columns in, ``(loss, metrics)`` out."""
         raise NotImplementedError
+
+
+def own_rows(rank: int, local_rows: int) -> slice:
+    """Process ``rank``'s rows in a tensor gathered from every process, each holding ``local_rows`` (rank order)."""
+    return slice(rank * local_rows, (rank + 1) * local_rows)
 
 
 def check_rank(rank: int, world_size: int) -> None:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import gather_no_grad
-from .base import check_rank
+from .base import check_rank, own_rows
 
 
 class McmcStep(NamedTuple):
@@ -165,7 +165,7 @@ class McmcNegativeSampler(nn.Module):
     def _uniforms(self, batch: int, steps: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(K, B)`` ``U[0, 1)`` draws twice: this process's slice of the draws for every process's anchors."""
         draws = torch.rand(2, steps, self.world_size * batch, generator=self.generator)
-        mine = draws[..., self.rank * batch : (self.rank + 1) * batch].to(device)
+        mine = draws[..., own_rows(self.rank, batch)].to(device)
         return mine[0], mine[1]
 
     def _store(self, anchor_ids: Tensor, negative_ids: Tensor, log_scores: Tensor) -> None:
