@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .config import ConfigError, RunConfig
@@ -37,6 +38,26 @@ class TrainingParts:
     evaluator: Callable[[nn.Module], dict] | None = None
     # examples in each source, in data-set order (ids 0..n0-1 are source 0's, ...); unset: one source
     source_sizes: list[int] | None = None
+
+    def sample_encoder(self, encode: Callable[[dict], Tensor], device) -> Callable[[Tensor], Tensor]:
+        """Embeds data-set samples by *state* with ``encode`` (the loop's forward, with gradient): state ``j < m`` is
+        sample ``j``'s positive view, ``m + j`` its hard negative (supervised data). A loss that needs samples
+        outside the batch (EMC²'s chain negatives) asks for it through ``inputs_for_step``; no other loss calls it."""
+        from .views import split_views
+
+        def encode_samples(states: Tensor) -> Tensor:
+            size = len(self.dataset)
+            examples = [self.dataset[i] for i in (states % size).tolist()]
+            if self.collate_positives is not None:  # the one view each state stands for, whatever its source
+                batch = self.collate_positives(examples, (states >= size).tolist())
+                return encode({k: v.to(device) for k, v in batch.items()})
+            batch = self.collate_fn(examples)  # every view: keep view 1 (positive) or view 2 (hard negative)
+            batch.pop("sample_ids")
+            batch.pop("sample_keys", None)
+            views = split_views(encode({k: v.to(device) for k, v in batch.items()}), len(examples))
+            return views[1 + (states >= size).long().to(device), torch.arange(len(examples), device=device)]
+
+        return encode_samples
 
 
 def text_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
@@ -166,8 +187,6 @@ def untrained_scores(config: RunConfig, probe: dict) -> dict | None:
 
 def sts_test_scores(model: Path, tasks: list) -> dict:
     """STS ``tasks`` of a text ``model`` folder, as ``evaluate_sts.py`` scores them (untruncated)."""
-    import torch
-
     from .evaluation.sts import evaluate_sts
     from .models.text import SentenceEncoder
 

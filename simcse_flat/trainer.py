@@ -44,7 +44,7 @@ from .data.batching import SourceBatchSampler
 from .data.text import DataError
 from .export import RunSummary, hub_id_of, portable_config
 from .grad_cache import GradCache
-from .losses import build_loss
+from .losses import build_loss_from_settings
 from .modalities import build_parts, expected_weights_bytes
 from .optim import build_optimizer
 from .run_folder import (
@@ -55,7 +55,7 @@ from .run_folder import (
     start_run_folder,
     write_text_atomically,
 )
-from .views import contrastive_loss_on_views, split_views
+from .views import contrastive_loss_on_views
 
 
 @dataclass
@@ -108,8 +108,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         generator=torch.Generator().manual_seed(args.seed),
     )
     # the loss learns its process from us, as open_clip's ClipLoss: its offsets into gathered rows depend on it
-    loss_fn = build_loss(config.loss.loss, dataset_size=len(dataset), rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, **_loss_kwargs(config))  # fmt: skip
+    loss_fn = build_loss_from_settings(config.loss, dataset_size=len(dataset), rank=accelerator.process_index,
+                                       world_size=accelerator.num_processes, seed=args.seed)  # fmt: skip
     step_batch = world_batch * args.gradient_accumulation_steps  # what lr_scaling scales by
     optimizer = build_optimizer(_param_groups(encoder, args.weight_decay), args, accelerator.device, step_batch)
 
@@ -162,7 +162,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     if args.grad_cache_chunk_size:  # the whole batch's negatives, one chunk's activations
         cache = GradCache(encoder, args.grad_cache_chunk_size, lambda: accelerator.no_sync(encoder))
     encode = cache.encode if cache is not None else lambda inputs: encoder(**inputs)
-    encode_samples = _sample_encoder(encode, parts, accelerator.device) if _refreshes_chains(config) else None
+    encode_samples = parts.sample_encoder(encode, accelerator.device)  # samples outside the batch, for a loss that asks
     evaluating = evaluator is not None and args.eval_steps > 0
 
     def export_best(model, results: dict) -> None:  # best/: the weights and the card of its own evaluation
@@ -297,45 +297,6 @@ def _stop_if_not_finite(
         f"the {what} became {float(value):g} at step {state.step + 1}; stopped before updating the weights ({kept}). "
         "Lower learning_rate, raise temperature, or check the data."
     )
-
-
-def _loss_kwargs(config: RunConfig) -> dict:
-    """The loss's settings from the run's config (its process, rank and world size, comes from the accelerator)."""
-    loss = config.loss
-    kwargs = {"temperature": loss.temperature, "hard_negative_weight": loss.hard_negative_weight}
-    if loss.loss == "sogclr":
-        kwargs["gamma"] = loss.sogclr_gamma
-    if loss.loss == "dcl" and loss.dcl_weight_sigma is not None:
-        kwargs["weight_sigma"] = loss.dcl_weight_sigma
-    if loss.loss == "emc2":
-        kwargs["seed"] = config.training.seed  # the chains' own generator, saved and restored with them
-        kwargs["proposals"] = loss.emc2_proposals
-        kwargs["kernel"] = loss.emc2_kernel
-    return kwargs
-
-
-def _refreshes_chains(config: RunConfig) -> bool:
-    return config.loss.loss == "emc2" and config.loss.emc2_refresh_negatives
-
-
-def _sample_encoder(encode, parts, device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """EMC²'s extra forward pass: embed chain states with the current model, with gradient, so the chain negatives'
-    term of the gradient is exact (as the official code does). State ``j < m`` is sample ``j``'s positive view,
-    ``m + j`` its hard negative (supervised data)."""
-
-    def encode_samples(states: torch.Tensor) -> torch.Tensor:
-        size = len(parts.dataset)
-        examples = [parts.dataset[i] for i in (states % size).tolist()]
-        if parts.collate_positives is not None:  # the one view each state stands for, whatever source it is from
-            batch = parts.collate_positives(examples, (states >= size).tolist())
-            return encode({k: v.to(device) for k, v in batch.items()})
-        batch = parts.collate_fn(examples)  # every view: keep view 1 (positive) or view 2 (hard negative)
-        batch.pop("sample_ids")
-        batch.pop("sample_keys", None)
-        views = split_views(encode({k: v.to(device) for k, v in batch.items()}), len(examples))
-        return views[1 + (states >= size).long().to(device), torch.arange(len(examples), device=device)]
-
-    return encode_samples
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

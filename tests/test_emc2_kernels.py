@@ -102,11 +102,17 @@ def test_supervised_views_give_the_chains_hard_negatives():
 
 def test_config_names_the_kernel_and_refuses_proposals_without_the_paper_kernel():
     from simcse_flat.config import ConfigError, parse_config
-    from simcse_flat.trainer import _loss_kwargs
+    from simcse_flat.losses import build_loss_from_settings
 
-    config = parse_config(["--loss", "emc2", "--emc2_kernel", "paper", "--emc2_proposals", "3"])
-    loss_fn = EMC2Loss(dataset_size=8, **_loss_kwargs(config))
-    assert (loss_fn.kernel, loss_fn.proposals) == ("paper", 3)
-    assert EMC2Loss(dataset_size=8, **_loss_kwargs(parse_config(["--loss", "emc2"]))).kernel == "official_scan"
+    config = parse_config(["--loss", "emc2", "--emc2_kernel", "paper", "--emc2_proposals", "3", "--seed", "5"])
+    loss_fn = build_loss_from_settings(config.loss, dataset_size=8, seed=config.training.seed)
+    assert (loss_fn.kernel, loss_fn.proposals, loss_fn.sampler.seed) == ("paper", 3, 5)
+    loss_fn = build_loss_from_settings(parse_config(["--loss", "emc2"]).loss, dataset_size=8, seed=0)
+    assert (loss_fn.kernel, loss_fn.refresh_negatives) == ("official_scan", True)
+    assert set(loss_fn.inputs_for_step(lambda states: states)) == {"chain_negatives"}  # the loop's extra pass
+    cheap = parse_config(["--loss", "emc2", "--emc2_refresh_negatives", "false"]).loss
+    loss_fn = build_loss_from_settings(cheap, dataset_size=8, seed=0)
+    assert loss_fn.inputs_for_step(lambda states: states) == {}  # no extra pass: the biased, cheaper estimator
+    assert loss_fn.get_config_dict()["refresh_negatives"] is False  # and its card says so
     with pytest.raises(ConfigError, match="emc2_kernel: paper"):
         parse_config(["--loss", "emc2", "--emc2_proposals", "3"])

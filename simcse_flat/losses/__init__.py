@@ -38,11 +38,28 @@ def loss_class(name: str) -> type[ContrastiveLoss]:
 def build_loss(name: str, *, dataset_size: int | None = None, **kwargs) -> ContrastiveLoss:
     """Instantiate a loss by name. ``dataset_size`` is passed only to losses that keep per-sample state."""
     cls = loss_class(name)
-    if getattr(cls, "needs_dataset_size", False):
+    if cls.needs_dataset_size:
         if dataset_size is None:
             raise ValueError(f"loss {name!r} keeps per-sample state and needs the data-set size")
         kwargs["dataset_size"] = dataset_size
     return cls(**kwargs)
+
+
+def build_loss_from_settings(settings, **context) -> ContrastiveLoss:
+    """The loss a run's loss settings name (``settings``: :class:`~simcse_flat.config.LossArguments`), with the
+    settings its class reads (its ``settings``: init argument -> setting; unset ones keep the class's default).
+
+    ``context`` is what the loop knows (``dataset_size``, ``rank``, ``world_size``, ``seed``); ``dataset_size`` and
+    ``seed`` reach only the classes that keep per-sample state or draw random numbers of their own.
+    """
+    cls = loss_class(settings.loss)
+    if not cls.seeded:
+        context.pop("seed", None)
+    kwargs = {"temperature": settings.temperature, "hard_negative_weight": settings.hard_negative_weight}
+    for argument, setting in cls.settings.items():
+        if getattr(settings, setting) is not None:
+            kwargs[argument] = getattr(settings, setting)
+    return build_loss(settings.loss, **kwargs, **context)
 
 
 __all__ = [
@@ -54,5 +71,6 @@ __all__ = [
     "InfoNCELoss",
     "SogCLRLoss",
     "build_loss",
+    "build_loss_from_settings",
     "loss_class",
 ]

@@ -37,7 +37,7 @@ curves from different losses can be read on one axis.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,11 @@ class ContrastiveLoss(nn.Module):
 
     name: str = "base"
     citation: str = ""
+    # the run settings (simcse_flat.config.LossArguments) this loss reads beyond temperature and hard_negative_weight:
+    # init argument -> setting, for losses.build_loss_from_settings
+    settings: ClassVar[dict[str, str]] = {}
+    needs_dataset_size: bool = False  # keeps per-sample state: built with the data set's size
+    seeded: bool = False  # draws random numbers of its own: built with the run's seed
 
     def __init__(
         self, temperature: float = 0.05, hard_negative_weight: float = 0.0, rank: int = 0, world_size: int = 1

@@ -51,6 +51,7 @@ class DCLLoss(ContrastiveLoss):
     """
 
     name = "dcl"
+    settings = {"weight_sigma": "dcl_weight_sigma"}
     citation = """@inproceedings{yeh2022decoupled,
   title={Decoupled Contrastive Learning},
   author={Yeh, Chun-Hsiao and Hong, Cheng-Yao and Hsu, Yen-Chi and Liu, Tyng-Luh and Chen, Yubei and LeCun, Yann},

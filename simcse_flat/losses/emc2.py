@@ -100,6 +100,9 @@ class EMC2Loss(ContrastiveLoss):
         seed: seed of the sampler's generator (its state is saved in ``state_dict()``).
         proposals: ``paper`` kernel only: uniform proposals per anchor and step, ``K`` (``None``: 1).
         kernel: ``paper`` or ``official_scan`` (see above).
+        refresh_negatives: re-encode each chain's negative every step (the exact estimator above; one more forward
+            pass of ``B`` samples); ``False``: :meth:`inputs_for_step` asks for no pass, and only anchors whose
+            negative is in the batch are used (cheaper, biased).
         rank, world_size: see :class:`~simcse_flat.losses.base.ContrastiveLoss`; the sampler is handed the same.
 
     Inputs: ``anchor_ids`` and ``candidate_ids`` (data-set indices) are required; ``chain_negatives`` is optional
@@ -115,6 +118,8 @@ class EMC2Loss(ContrastiveLoss):
 
     name = "emc2"
     needs_dataset_size = True
+    seeded = True
+    settings = {"proposals": "emc2_proposals", "kernel": "emc2_kernel", "refresh_negatives": "emc2_refresh_negatives"}
     citation = """@inproceedings{yau2024emc2,
   title={{EMC}$^2$: Efficient {MCMC} Negative Sampling for Contrastive Learning with Global Convergence},
   author={Yau, Chung-Yiu and Wai, Hoi-To and Raman, Parameswaran and Sarkar, Soumajyoti and Hong, Mingyi},
@@ -130,6 +135,7 @@ class EMC2Loss(ContrastiveLoss):
         seed: int = 0,
         proposals: int | None = None,
         kernel: str = "official_scan",
+        refresh_negatives: bool = True,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -143,9 +149,12 @@ class EMC2Loss(ContrastiveLoss):
         self.sampler = McmcNegativeSampler(dataset_size, seed, rank, world_size)
         self.proposals = proposals or 1
         self.kernel = kernel
+        self.refresh_negatives = refresh_negatives
 
     def get_config_dict(self) -> dict[str, float | str]:
         config = {**super().get_config_dict(), "seed": self.sampler.seed, "kernel": self.kernel}
+        if not self.refresh_negatives:  # the cheaper, biased estimator: a card must say so
+            config["refresh_negatives"] = False
         return {**config, "proposals": self.proposals} if self.kernel == "paper" else config
 
     def forward(
@@ -166,7 +175,7 @@ class EMC2Loss(ContrastiveLoss):
 
     def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
         """The loop's encoder, to re-encode each anchor's chain negative once a step (:class:`ChainNegatives`)."""
-        return {"chain_negatives": ChainNegatives(self.sampler, encode_samples)}
+        return {"chain_negatives": ChainNegatives(self.sampler, encode_samples)} if self.refresh_negatives else {}
 
     def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None, chain_logits=None):
         return self._estimate(logits, positive_index, anchor_ids, candidate_ids, chain_logits)

@@ -66,6 +66,7 @@ class SogCLRLoss(ContrastiveLoss):
 
     name = "sogclr"
     needs_dataset_size = True
+    settings = {"gamma": "sogclr_gamma"}
     citation = """@inproceedings{yuan2022provable,
   title={Provable Stochastic Optimization for Global Contrastive Learning: Small Batch Does Not Harm Performance},
   author={Yuan, Zhuoning and Wu, Yuexin and Qiu, Zi-Hao and Du, Xianzhi and Zhang, Lijun and Zhou, Denny
