@@ -97,3 +97,34 @@ def test_config_names_the_candidate_sets():
     assert parse_config(["--negatives", "all_views"]).loss.negatives == "all_views"
     with pytest.raises(ConfigError, match="negatives"):
         parse_config(["--negatives", "both"])
+
+
+def test_cross_view_is_one_direction_unless_symmetric_and_symmetric_averages_both():
+    """SimCSE scores view 0 against view 1 only (the default); ``symmetric`` averages that with the mirrored
+    direction, the loss and every metric."""
+    generator = torch.Generator().manual_seed(2)
+    view0, view1 = torch.randn(4, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    loss_fn, ids = build_loss("infonce", temperature=0.1), torch.arange(4)
+    logits = F.normalize(view0, dim=-1) @ F.normalize(view1, dim=-1).T / 0.1
+    one_way, forward = contrastive_loss_on_views(loss_fn, torch.cat([view0, view1]), ids)
+    assert one_way.item() == pytest.approx(F.cross_entropy(logits, ids).item(), rel=1e-5)  # by hand: one direction
+    _, mirrored = contrastive_loss_on_views(loss_fn, torch.cat([view1, view0]), ids)
+    both, metrics = contrastive_loss_on_views(loss_fn, torch.cat([view0, view1]), ids, symmetric=True)
+    assert both.item() == pytest.approx((F.cross_entropy(logits, ids) + F.cross_entropy(logits.T, ids)).item() / 2)
+    assert forward.keys() == metrics.keys()
+    for key in metrics:
+        assert metrics[key].item() == pytest.approx((forward[key] + mirrored[key]).item() / 2, abs=1e-6), key
+    assert any(abs(forward[key].item() - mirrored[key].item()) > 1e-3 for key in metrics)  # the average is not either
+
+
+def test_view_count_errors_say_what_was_given():
+    from simcse_flat.views import split_views
+
+    with pytest.raises(ValueError, match=r"^7 rows are not a whole number of views of 3 examples$"):
+        split_views(torch.randn(7, 2), 3)
+    with pytest.raises(ValueError, match=r"^expected 2 or 3 views, got 4$"):
+        contrastive_loss_on_views(build_loss("infonce"), torch.randn(8, 2), torch.arange(2))
+    with pytest.raises(ValueError, match=r"^negatives: all_views takes two views a sample; supervised triples use "):
+        contrastive_loss_on_views(build_loss("infonce"), torch.randn(6, 2), torch.arange(2), negatives="all_views")
+    with pytest.raises(ValueError, match=r"^negatives must be one of \('cross_view', 'all_views'\), got 'x'$"):
+        contrastive_loss_on_views(build_loss("infonce"), torch.randn(4, 2), torch.arange(2), negatives="x")
