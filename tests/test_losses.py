@@ -115,16 +115,39 @@ def test_flatnce_keeps_a_gradient_where_infonce_underflows():
     assert g_flat.abs().max().item() > 1.0
 
 
-def test_hard_negative_weight_is_added_to_the_own_hard_negative_logit():
+@pytest.mark.parametrize("weight", [1.5, 1.0])
+def test_hard_negative_weight_is_added_to_the_own_hard_negative_logit(weight):
     torch.manual_seed(0)
     anchors, candidates = torch.randn(2, 4), torch.randn(4, 4)
-    loss_fn = InfoNCELoss(temperature=0.1, hard_negative_weight=1.5)
+    loss_fn = InfoNCELoss(temperature=0.1, hard_negative_weight=weight)
     plain = InfoNCELoss(temperature=0.1).logits(anchors, candidates)
     weighted = loss_fn.logits(anchors, candidates, hard_negative_index=torch.tensor([2, 3]))
     expected = plain.clone()
-    expected[0, 2] += 1.5
-    expected[1, 3] += 1.5
+    expected[0, 2] += weight
+    expected[1, 3] += weight
     torch.testing.assert_close(weighted, expected)
+    # without hard negatives (unsupervised data) the weight has nothing to act on
+    torch.testing.assert_close(loss_fn.logits(anchors, candidates), plain)
+
+
+def test_every_loss_logs_the_shared_metrics_of_its_logits():
+    """infonce / flatnce / accuracy / positive_logit of the logits, by hand, whatever the loss."""
+    torch.manual_seed(3)
+    anchors, candidates, positive = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([4, 0, 2])
+    for loss_fn in (InfoNCELoss(temperature=0.2), FlatNCELoss(temperature=0.2)):
+        _, metrics = loss_fn(anchors, candidates, positive)
+        logits = (F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T / 0.2).double()
+        s_pos = logits[torch.arange(3), positive]
+        others = logits.masked_fill(F.one_hot(positive, 5).bool(), float("-inf"))
+        expected = {
+            "infonce": (torch.logsumexp(logits, 1) - s_pos).mean(),
+            "flatnce": (torch.logsumexp(others, 1) - s_pos).mean(),
+            "accuracy": (logits.argmax(1) == positive).double().mean(),
+            "positive_logit": s_pos.mean(),
+        }
+        assert set(metrics) == set(expected)
+        for key, value in expected.items():
+            assert metrics[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
 
 
 def test_exclude_index_removes_the_anchor_itself():
@@ -164,7 +187,7 @@ def test_config_dicts_hold_every_setting_the_model_card_shows():
 
 
 def test_one_candidate_is_refused():
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match=r"^a contrastive loss needs at least 2 candidates \(batch size >= 2\)$"):
         InfoNCELoss()(torch.randn(1, 3), torch.randn(1, 3), torch.tensor([0]))
 
 
