@@ -197,3 +197,9 @@ def test_an_input_the_loss_does_not_take_is_an_error():
     with pytest.raises(TypeError, match="weights"):
         InfoNCELoss()(torch.randn(2, 3), torch.randn(2, 3), torch.arange(2), weights=torch.ones(2),
                       chain_negatives=torch.randn(2, 3))  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1])
+def test_a_temperature_that_is_not_positive_is_refused(temperature):
+    with pytest.raises(ValueError, match=rf"^temperature must be > 0, got {temperature}$"):
+        InfoNCELoss(temperature=temperature)
