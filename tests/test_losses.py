@@ -203,3 +203,11 @@ def test_an_input_the_loss_does_not_take_is_an_error():
 def test_a_temperature_that_is_not_positive_is_refused(temperature):
     with pytest.raises(ValueError, match=rf"^temperature must be > 0, got {temperature}$"):
         InfoNCELoss(temperature=temperature)
+
+
+@pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0)])
+def test_a_rank_outside_the_world_is_refused(rank, world_size):
+    message = rf"^rank must be in \[0, world_size\), got rank={rank}, world_size={world_size}$"
+    with pytest.raises(ValueError, match=message):
+        InfoNCELoss(rank=rank, world_size=world_size)
+    InfoNCELoss(rank=max(world_size - 1, 0), world_size=max(world_size, 1))  # the last rank is in
