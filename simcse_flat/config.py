@@ -234,9 +234,6 @@ class RunConfig:
         parts = (self.model, self.data, self.loss, self.training, self.vision)
         return {k: v for part in parts for k, v in dataclasses.asdict(part).items()}
 
-    def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
 
 def _valid_keys() -> list[str]:
     return [f.name for cls in ALL_ARGUMENTS for f in dataclasses.fields(cls)]

@@ -27,7 +27,6 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
-UNSUP_COLUMNS = ("text",)
 SUP_COLUMNS = ("sent0", "sent1", "hard_neg")
 
 
@@ -259,10 +258,6 @@ def _load_hub_dataset(name: str, split: str) -> Dataset:
 
 def _with_keys(dataset: Dataset, column: str) -> Dataset:
     return dataset.map(lambda batch: {"key": [content_key(t) for t in batch[column]]}, batched=True, desc="keys")
-
-
-def is_supervised(dataset: Dataset) -> bool:
-    return "sent0" in dataset.column_names
 
 
 @dataclass
