@@ -108,3 +108,33 @@ def test_the_sampler_state_restores_its_seed():
     restored.load_state_dict(saved.state_dict())
     assert restored.sampler.seed == 7 and restored.get_config_dict()["seed"] == 7
     assert torch.equal(restored.sampler.generator.get_state(), saved.sampler.generator.get_state())
+
+
+def test_a_chain_negative_masked_out_of_the_batch_is_scored_as_out_of_the_batch():
+    """Anchor 3's chain holds sample 4 and anchor 4's holds sample 3: both in the batch, but each is the other
+    anchor's duplicate (masked, logit -inf), so neither column may stand for the chain's negative: its fresh
+    encoding does (cos 0.5, logit 50), and the loss stays finite."""
+    loss_fn = _loss_with_chains([4, 3], [-50.0, -50.0])
+    table = {4: HALF[0], 3: _unit([3**0.5, 1, 0, 0])[0]}  # cos 0.5 with anchor 3 (E0) and with anchor 4 (E1)
+    inputs = loss_fn.inputs_for_step(lambda states: torch.stack([table[int(s)] for s in states]))
+    duplicates = torch.tensor([[False, True], [True, False]])
+    loss, metrics = loss_fn(torch.cat([E0, E1]), torch.cat([E2, E3]), torch.arange(2), anchor_ids=torch.tensor([3, 4]),
+                            candidate_ids=torch.tensor([3, 4]), duplicate_mask=duplicates, **inputs)  # fmt: skip
+    assert metrics["emc2_used"].item() == 1.0
+    assert metrics["emc2_negative_logit"].item() == pytest.approx(50.0, rel=1e-4)
+    assert loss.item() == pytest.approx(50.0, rel=1e-4)
+
+
+def test_settings_out_of_range_are_refused_with_their_reason():
+    cases = [
+        ({"proposals": 0}, r"^EMC² needs at least one proposal per anchor and step, got 0$"),
+        ({"kernel": "scan"}, r"^EMC² kernel must be one of \('paper', 'official_scan'\), got 'scan'$"),
+        ({"proposals": 3}, r"^proposals is the paper kernel's; the official_scan kernel offers every column once$"),
+        ({"dataset_size": 1}, r"^MCMC negative sampling needs a data set of at least 2 samples, got 1$"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            EMC2Loss(**{"dataset_size": 10, **settings})
+    assert EMC2Loss(dataset_size=2).sampler.dataset_size == 2  # two samples: each the other's negative
+    paper = EMC2Loss(dataset_size=10, kernel="paper")
+    assert paper.proposals == 1 and paper.get_config_dict()["proposals"] == 1  # the paper's one proposal a step
