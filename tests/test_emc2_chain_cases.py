@@ -138,3 +138,23 @@ def test_settings_out_of_range_are_refused_with_their_reason():
     assert EMC2Loss(dataset_size=2).sampler.dataset_size == 2  # two samples: each the other's negative
     paper = EMC2Loss(dataset_size=10, kernel="paper")
     assert paper.proposals == 1 and paper.get_config_dict()["proposals"] == 1  # the paper's one proposal a step
+
+
+def _all_views_step(kernel: str, seed: int = 0) -> float:
+    """One step on SimCLR's candidates for view 0 of samples 3 and 4: [view 0 of 3, of 4, view 1 of 3, of 4],
+    each anchor's own view 0 excluded and its view 1 the positive. Anchor 3 sees sample 4 twice: view 0 at logit 50,
+    view 1 at 90; anchor 4 sees sample 3 at 50 in both views. Returns the mean chain-negative logit."""
+    loss_fn = EMC2Loss(dataset_size=10, temperature=TAU, kernel=kernel, seed=seed)
+    far_view = _unit([0.9, (1 - 0.81) ** 0.5, 0, 0])  # cos 0.9 with anchor 3's view 0
+    candidates = torch.cat([E0, HALF, E0, far_view])
+    _, metrics = loss_fn(torch.cat([E0, HALF]), candidates, torch.tensor([2, 3]), exclude_index=torch.tensor([0, 1]),
+                         anchor_ids=torch.tensor([3, 4]), candidate_ids=torch.tensor([3, 4, 3, 4]))  # fmt: skip
+    return metrics["emc2_negative_logit"].item()
+
+
+def test_the_scan_offers_every_column_and_the_paper_kernel_every_sample_once():
+    """The official scan offers both of sample 4's views (empty chain: accept view 0 at 50, then view 1 at 90, the
+    state recorded after the first half: 90) -> (90 + 50) / 2. The paper kernel proposes a *sample* uniformly, one
+    column per sample (its first, view 0), so anchor 3 holds sample 4 at 50 whatever the draws."""
+    assert _all_views_step("official_scan") == pytest.approx(70.0, rel=1e-4)
+    assert [_all_views_step("paper", seed) for seed in range(8)] == pytest.approx([50.0] * 8, rel=1e-4)
