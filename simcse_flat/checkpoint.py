@@ -301,7 +301,7 @@ def _read_manifest(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing (the checkpoint was written by an older release, or damaged)") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError) as err:
-        raise CheckpointError(f"{file}: not a valid manifest ({err or 'wrong layout'})") from None
+        raise CheckpointError(f"{file}: not a valid manifest ({str(err) or 'wrong layout'})") from None
     return manifest
 
 
