@@ -250,3 +250,10 @@ def _damage(file: Path, how: str, finished: Path) -> None:
         file.write_text(json.dumps({**json.loads(file.read_text()), "stage": 2}))
     else:
         raise ValueError(how)
+
+
+@pytest.mark.parametrize("limit, kept", [(1, ["checkpoint-6"]), (2, ["checkpoint-4", "checkpoint-6"])])
+def test_save_total_limit_keeps_only_the_newest_checkpoints(tiny_bert, tmp_path, limit, kept):
+    train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", str(limit)))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == kept
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == kept  # removed, not just unlisted
