@@ -56,6 +56,22 @@ def test_weights_repeat_a_source_with_a_fresh_permutation_each_pass():
     assert [_source_of(b, [8, 8]) for b in batches].count(1) == 1
 
 
+def test_a_weighted_source_of_no_whole_number_of_batches_yields_full_batches_only():
+    """10 examples, batches of 4, weight 2: 4 batches over two passes, each pass dropping its last 2 (drop_last)."""
+    sampler = SourceBatchSampler([10, 8], batch_size=4, num_processes=1, seed=0, weights=[2.0, 1.0])
+    batches = [b for b in sampler if _source_of(b, [10, 8]) == 0]
+    assert len(batches) == 4 and all(len(b) == 4 for b in batches)
+    for first, second in (batches[:2], batches[2:]):  # one pass: 8 different examples
+        assert len(set(first) | set(second)) == 8
+
+
+def test_two_sources_are_shuffled_too():
+    """With two sources the steps' order is shuffled as with three (not all of one source, then the other)."""
+    sampler = SourceBatchSampler([40, 40], batch_size=4, num_processes=1, seed=3)
+    sources = [_source_of(b, [40, 40]) for b in sampler]
+    assert sorted(sources) == [0] * 10 + [1] * 10 and sources != sorted(sources)
+
+
 def test_round_robin_takes_the_sources_in_turn_until_the_smallest_runs_out():
     sampler = SourceBatchSampler([40, 12], batch_size=4, num_processes=1, seed=0, sampling="round_robin")
     assert [_source_of(b, [40, 12]) for b in sampler] == [0, 1, 0, 1, 0, 1]
