@@ -63,6 +63,20 @@ def test_a_weighted_source_of_no_whole_number_of_batches_yields_full_batches_onl
     assert len(batches) == 4 and all(len(b) == 4 for b in batches)
     for first, second in (batches[:2], batches[2:]):  # one pass: 8 different examples
         assert len(set(first) | set(second)) == 8
+    assert batches[:2] != batches[2:]  # the second pass draws a fresh permutation, not the first one again
+
+
+def test_sampler_settings_that_cannot_work_are_refused_with_their_reason():
+    cases = [
+        ({"sampling": "random"}, r"^dataset_sampling must be one of proportional, round_robin, got 'random'$"),
+        ({"sampling": "round_robin", "weights": [1.0, 2.0]},
+         r"^weights need proportional sampling and one weight per source$"),
+        ({"weights": [1.0]}, r"^weights need proportional sampling and one weight per source$"),
+        ({"batch_size": 16}, r"^no source has one step of 1 x 16 examples$"),
+    ]  # fmt: skip
+    for settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            SourceBatchSampler(**{"sizes": [10, 8], "batch_size": 4, "num_processes": 1, "seed": 0, **settings})
 
 
 def test_two_sources_are_shuffled_too():
