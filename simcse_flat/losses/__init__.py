@@ -35,13 +35,16 @@ def loss_class(name: str) -> type[ContrastiveLoss]:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}.{hint}") from None
 
 
-def build_loss(name: str, *, dataset_size: int | None = None, **kwargs) -> ContrastiveLoss:
-    """Instantiate a loss by name. ``dataset_size`` is passed only to losses that keep per-sample state."""
+def build_loss(name: str, *, dataset_size: int | None = None, seed: int | None = None, **kwargs) -> ContrastiveLoss:
+    """Instantiate a loss by name. ``dataset_size`` is passed only to losses that keep per-sample state, ``seed``
+    only to those that draw random numbers of their own (unset: the class's default)."""
     cls = loss_class(name)
     if cls.needs_dataset_size:
         if dataset_size is None:
             raise ValueError(f"loss {name!r} keeps per-sample state and needs the data-set size")
         kwargs["dataset_size"] = dataset_size
+    if cls.seeded and seed is not None:
+        kwargs["seed"] = seed
     return cls(**kwargs)
 
 
@@ -49,12 +52,10 @@ def build_loss_from_settings(settings, **context) -> ContrastiveLoss:
     """The loss a run's loss settings name (``settings``: :class:`~simcse_flat.config.LossArguments`), with the
     settings its class reads (its ``settings``: init argument -> setting; unset ones keep the class's default).
 
-    ``context`` is what the loop knows (``dataset_size``, ``rank``, ``world_size``, ``seed``); ``dataset_size`` and
-    ``seed`` reach only the classes that keep per-sample state or draw random numbers of their own.
+    ``context`` is what the loop knows (``dataset_size``, ``rank``, ``world_size``, ``seed``), handed to
+    :func:`build_loss`, which gives each loss only what it takes.
     """
     cls = loss_class(settings.loss)
-    if not cls.seeded:
-        context.pop("seed", None)
     kwargs = {"temperature": settings.temperature, "hard_negative_weight": settings.hard_negative_weight}
     for argument, setting in cls.settings.items():
         if getattr(settings, setting) is not None:
