@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from simcse_flat import distributed
 from simcse_flat.grad_cache import GradCache
 from simcse_flat.losses import build_loss
 from simcse_flat.views import contrastive_loss_on_views
@@ -82,7 +83,8 @@ def _worker(rank: int, world: int, init_method: str, mode: str, loss_name: str, 
         loss.backward()
         if cache:
             cache.backward()
-        torch.save({"loss": loss.detach(), "grads": _grads(model.module)}, f"{out}.{rank}")
+        torch.save({"loss": loss.detach(), "grads": _grads(model.module), "group": (distributed.rank(),
+                    distributed.world_size())}, f"{out}.{rank}")  # fmt: skip
 
     _in_process_group(rank, world, init_method, work)
 
@@ -100,6 +102,7 @@ def test_two_gloo_processes_give_the_single_process_gradient(tmp_path, mode, los
     mp.spawn(_worker, args=(world, loopback_init_method(), mode, loss_name, out, chunk, negatives), nprocs=world,
              join=True)
     ranks = [torch.load(f"{out}.{rank}") for rank in range(world)]
+    assert [r["group"] for r in ranks] == [(0, world), (1, world)]  # what callers read and pass to their losses
 
     model = _encoder()
     inputs, ids = _inputs(world, VIEWS_OF[mode])
@@ -142,9 +145,10 @@ def test_a_loss_told_more_processes_than_there_are_refuses():
 
 
 def test_gather_is_identity_with_one_process():
-    from simcse_flat.distributed import gather_with_grad
+    from simcse_flat.distributed import gather_no_grad, gather_with_grad
 
     x = torch.randn(3, 2)
-    assert gather_with_grad(x, world_size=1) is x
+    assert gather_with_grad(x, world_size=1) is x and gather_no_grad(x, world_size=1) is x
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
     assert _loss("infonce").own_rows(3) == slice(0, 3)
     assert not dist.is_initialized() or os.environ.get("WORLD_SIZE") == "1"

@@ -128,3 +128,21 @@ def test_view_count_errors_say_what_was_given():
         contrastive_loss_on_views(build_loss("infonce"), torch.randn(6, 2), torch.arange(2), negatives="all_views")
     with pytest.raises(ValueError, match=r"^negatives must be one of \('cross_view', 'all_views'\), got 'x'$"):
         contrastive_loss_on_views(build_loss("infonce"), torch.randn(4, 2), torch.arange(2), negatives="x")
+
+
+def test_triples_give_the_loss_each_hard_negative_as_a_column_and_an_id_of_its_own():
+    """Candidates of (anchor, positive, hard negative) triples: the positives, then the hard negatives; a hard negative
+    is another sentence of its sample, so its id is ``-1 - index`` (never a sample's id) and its column is
+    ``B + i`` for anchor ``i``."""
+    loss_fn, seen = build_loss("infonce"), {}
+    real_forward = loss_fn.forward
+
+    def recording_forward(anchors, candidates, positive_index, **kwargs):
+        seen.update(kwargs, positive_index=positive_index, candidates=candidates.size(0))
+        return real_forward(anchors, candidates, positive_index, **kwargs)
+
+    loss_fn.forward = recording_forward
+    contrastive_loss_on_views(loss_fn, torch.randn(9, 2), torch.tensor([4, 0, 7]))
+    assert seen["candidates"] == 6 and seen["positive_index"].tolist() == [0, 1, 2]
+    assert seen["hard_negative_index"].tolist() == [3, 4, 5]
+    assert seen["candidate_ids"].tolist() == [4, 0, 7, -5, -1, -8]

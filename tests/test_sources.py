@@ -3,6 +3,8 @@ batches that is a function of (seed, epoch) only, so resuming stays exact."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -29,6 +31,32 @@ def test_one_source_keeps_the_order_of_a_dataloader_over_a_seeded_permutation(pr
     batches = [permutation[i : i + 4] for i in range(0, 40, 4)]  # drop_last
     usable = len(batches) - len(batches) % processes  # every process gets as many batches
     assert list(sampler) == batches[:usable] and len(sampler) == usable
+
+
+def _stream_generator(seed: int, epoch: int, stream: int, pass_: int) -> torch.Generator:
+    """The seed of each permutation, as ``data/batching.py`` documents it: a checkpoint resumed by a later release
+    replays the same order only while this stays as it is."""
+    if (stream, pass_) == (0, 0):
+        return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}/{pass_}".encode(), digest_size=7).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def test_the_order_of_several_sources_is_the_documented_function_of_seed_and_epoch():
+    sizes, batch, seed, epoch = [12, 5], 2, 7, 2
+    sampler = SourceBatchSampler(sizes, batch_size=batch, num_processes=1, seed=seed, weights=[1.0, 2.0])
+    sampler.set_epoch(epoch)
+    steps = [6, 4]  # 12 // 2; 5 // 2 = 2, twice (weight 2): a second pass over a new permutation
+    order = [s for s, n in enumerate(steps) for _ in range(n)]
+    schedule = [order[i] for i in torch.randperm(10, generator=_stream_generator(seed, epoch, 2, 0)).tolist()]
+    batches = {0: [], 1: []}
+    for source, offset, passes in ((0, 0, 1), (1, 12, 2)):
+        usable = sizes[source] - sizes[source] % batch  # drop_last
+        for pass_ in range(passes):
+            ids = torch.randperm(sizes[source], generator=_stream_generator(seed, epoch, source, pass_)).tolist()
+            batches[source] += [[i + offset for i in ids[k : k + batch]] for k in range(0, usable, batch)]
+    expected = [batches[source].pop(0) for source in schedule]
+    assert list(sampler) == expected
 
 
 def test_proportional_sampling_uses_every_batch_of_every_source_once_an_epoch_in_a_shuffled_order():
