@@ -7,6 +7,7 @@ loss told the wrong world size must refuse at its first gather rather than read 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,10 @@ def test_a_loss_told_more_processes_than_there_are_refuses():
     # DCLW gathers inside the loss: called directly, that gather is the first and checks the world size
     loss_fn = _loss("dclw", rank=1, world_size=2)
     anchors = torch.randn(BATCH, DIM)
-    with pytest.raises(ValueError, match=rf"gathered {BATCH} rows.*2 \* {BATCH}"):
+    message = (f"gathered {BATCH} rows, expected world_size * local rows = 2 * {BATCH} = {2 * BATCH}: the loss was "
+               "built for world_size=2 but the process group has 1 process(es); build it with the group's rank and "
+               "world size (accelerate: process_index, num_processes)")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         loss_fn(anchors, torch.randn(BATCH, DIM), torch.arange(BATCH))
     with pytest.raises(ValueError, match="rank must be in"):
         _loss("infonce", rank=2, world_size=2)
