@@ -28,6 +28,7 @@ from simcse_flat.checkpoint import (
 )
 
 from conftest import end_worker, free_loopback_port
+from test_checkpoint_files import _raises_exactly
 
 FIT_HINT = "was it written with another model_name_or_path, pooler or architecture?"
 RNG_HINT = " (pass --ignore_rng_state to resume without it: not an exact resume)"
@@ -60,10 +61,6 @@ def accelerator():
 
 def _save(accelerator, output_dir: Path, step: int, keep_last: int = 5) -> Path:
     return save_checkpoint(accelerator, output_dir, TrainState(step=step), "seed: 1\n", keep_last, _parts())
-
-
-def _raises_exactly(message: str):
-    return pytest.raises(CheckpointError, match=f"^{re.escape(message)}$")
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------------
