@@ -96,6 +96,21 @@ def test_packaged_minilm_exports_with_its_own_modules(minilm_path, tmp_path):
                                SentenceTransformer(minilm_path, device="cpu").encode(SENTENCES), atol=1e-6)  # fmt: skip
 
 
+def test_a_published_model_loads_every_weight_from_its_folder(tiny_bert, tmp_path):
+    """The trainer drops BERT's unused pooler layer; a plain ``SentenceTransformer(path)`` must build the same
+    architecture, not add a pooler with fresh random weights (and transformers' "MISSING ... newly initialized")."""
+    from safetensors import safe_open
+    from sentence_transformers import SentenceTransformer
+
+    from simcse_flat.export import export_text_model
+
+    export_text_model(SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean"), tmp_path / "model")
+    loaded = SentenceTransformer(str(tmp_path / "model"), device="cpu")[0].auto_model
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as saved:
+        assert set(loaded.state_dict()) == set(saved.keys())
+    assert loaded.pooler is None
+
+
 def test_push_to_hub_goes_through_sentence_transformers(monkeypatch, tiny_bert, tmp_path):
     calls = []
 

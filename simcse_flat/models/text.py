@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -134,6 +136,13 @@ class SentenceEncoder(SentenceTransformer):
         """sentence-transformers' ``save``, without the modules that act in training only."""
         with self.published():
             super().save(path, *args, **kwargs)
+        if getattr(self.transformers_model, "pooler", False) is None:  # loaded without it (_without_unused_pooler)
+            # say so where every sentence-transformers release reads a Transformer's loading arguments, so that
+            # SentenceTransformer(path) builds this model, not one with a pooler of fresh random weights
+            config_file = Path(path) / "sentence_bert_config.json"
+            config = json.loads(config_file.read_text())
+            config["model_args"] = {**config.get("model_args", {}), "add_pooling_layer": False}
+            config_file.write_text(json.dumps(config, indent=2))
 
     @contextlib.contextmanager
     def published(self):
