@@ -23,6 +23,7 @@ says ``ignore_rng_state``: resuming with other random draws is a different run, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -94,13 +95,17 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
+def list_checkpoints(output_dir: str | Path, only_ours: bool = False) -> list[Path]:
     """Complete checkpoints, oldest first, in ``output_dir`` and in the ``checkpoints/`` folder earlier releases
-    wrote (folders still named ``.tmp`` are not checkpoints)."""
+    wrote (folders still named ``.tmp`` are not checkpoints).
+
+    ``only_ours``: only those with our manifest. transformers' Trainer names its checkpoints the same way, and only
+    ours are ever pruned, replaced, or named as the checkpoint a run can go back to.
+    """
     roots = [Path(output_dir), Path(output_dir) / LEGACY_CHECKPOINT_DIR]
     found = [(int(m.group(1)), p) for root in roots if root.is_dir() for p in root.iterdir()
              if (m := _NAME.match(p.name)) and (p / STATE_FILE).exists()]  # fmt: skip
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if not only_ours or _written_here(p)]
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         error = _attempt(lambda: _seal(tmp, final, state, accelerator.num_processes))
         if error is None:
-            for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            for old in list_checkpoints(output_dir, only_ours=True)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
     _raise_if_any(accelerator, error, tmp, final)
     return final
@@ -148,6 +153,9 @@ def _save_main_files(folder: Path, parts: Trainables, config_yaml: str) -> None:
 
 def _seal(tmp: Path, final: Path, state: TrainState, num_processes: int) -> None:
     """Checksum every file (syncing it to disk), then write the state file last and rename the folder."""
+    if final.exists() and not _written_here(final):  # another trainer's checkpoint-N: never ours to replace
+        raise FileExistsError(errno.EEXIST, f"not written by simcse_flat (no {MANIFEST_FILE}): move it away or choose "
+                              "another output_dir", str(final))  # fmt: skip
     files = {p.name: _describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest = {"format": 1, "num_processes": num_processes, "files": files}
     write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))
@@ -155,6 +163,10 @@ def _seal(tmp: Path, final: Path, state: TrainState, num_processes: int) -> None
     if final.exists():  # the same step saved again after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def _written_here(checkpoint: Path) -> bool:
+    return (checkpoint / MANIFEST_FILE).is_file()  # written by _seal before the state file
 
 
 def _rng_state(accelerator: Accelerator) -> dict:
@@ -186,7 +198,7 @@ def _raise_if_any(accelerator: Accelerator, error: str | None, tmp: Path, final:
         return
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    earlier = [p.name for p in list_checkpoints(final.parent)]
+    earlier = [p.name for p in list_checkpoints(final.parent, only_ours=True)]
     kept = f"the earlier checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
     raise CheckpointError(f"writing {final.name} failed ({error or 'on another process'}); {kept}")
 

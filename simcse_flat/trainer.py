@@ -229,7 +229,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     progress.close()
 
     # ---- the end: last checkpoint, final model ------------------------------------------------------------------
-    if checkpoint_path(output_dir, state.step) not in list_checkpoints(output_dir):
+    if checkpoint_path(output_dir, state.step) not in list_checkpoints(output_dir, only_ours=True):
         save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
     final = output_dir / "final"
     if accelerator.is_main_process:  # final/ is this run's own
@@ -291,7 +291,7 @@ def _stop_if_not_finite(
         bad = accelerator.reduce(bad, reduction="sum")
     if float(bad) == 0:
         return
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = list_checkpoints(output_dir, only_ours=True)
     kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
     raise TrainingDiverged(
         f"the {what} became {float(value):g} at step {state.step + 1}; stopped before updating the weights ({kept}). "

@@ -124,6 +124,32 @@ def test_only_folders_with_a_state_file_are_checkpoints(accelerator, tmp_path):
     assert list_checkpoints(tmp_path) == [path]
 
 
+def _hf_trainer_checkpoint(folder: Path) -> Path:
+    """A checkpoint folder as transformers' Trainer writes it: same name, a trainer_state.json of its own, no manifest."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1, "log_history": []}))
+    (folder / "optimizer.pt").write_bytes(b"a user's file")
+    return folder
+
+
+def test_pruning_removes_only_checkpoints_this_project_wrote(accelerator, tmp_path):
+    """A run resumed from elsewhere into a folder holding another trainer's checkpoint-N keeps the limit on its own."""
+    foreign = _hf_trainer_checkpoint(tmp_path / "checkpoint-1")
+    for step in (2, 3, 4):
+        path = _save(accelerator, tmp_path, step, keep_last=1)
+    assert (foreign / "optimizer.pt").read_bytes() == b"a user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-4"] and path.name == "checkpoint-4"
+
+
+def test_a_checkpoint_of_the_same_step_not_written_here_is_refused_untouched(accelerator, tmp_path):
+    foreign = _hf_trainer_checkpoint(tmp_path / "checkpoint-2")
+    with _raises_exactly(f"writing checkpoint-2 failed ({foreign} not written by simcse_flat (no manifest.json): move "
+                         "it away or choose another output_dir); no earlier checkpoint exists"):  # fmt: skip
+        _save(accelerator, tmp_path, 2)
+    assert (foreign / "optimizer.pt").read_bytes() == b"a user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no scratch left
+
+
 # ---- checking --------------------------------------------------------------------------------------------------------
 
 
