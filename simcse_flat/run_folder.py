@@ -70,6 +70,8 @@ class RunLock:
 
     The kernel drops it when the process ends, however it ends (SIGKILL included), so a killed run never leaves a
     stale lock; a second job on the same folder (a resume started while the first still runs) is refused.
+    :meth:`release` deletes the file while still holding the lock, so a run (finished, or stopped by an error) leaves
+    no lock file behind; :meth:`acquire` therefore checks that the file it locked is still the one at the path.
     """
 
     def __init__(self, output_dir: str | Path) -> None:
@@ -81,6 +83,22 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock, as before
             return self
+        while True:
+            handle = self._lock_file(fcntl)
+            try:  # a job that released in between deleted the file we locked: lock the new one
+                if os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def _lock_file(self, fcntl):
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,15 +112,14 @@ class RunLock:
                     "choose another output_dir"
                 ) from None
             raise
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
-        self._handle = handle
-        return self
+        return handle
 
     def release(self) -> None:
         if self._handle is not None:
+            try:
+                self.path.unlink()  # while locked: no other job holds this file
+            except FileNotFoundError:
+                pass
             self._handle.close()  # closing the file drops the flock
             self._handle = None
 

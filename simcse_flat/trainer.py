@@ -13,6 +13,7 @@ is contrasted only with itself, which is exactly where FlatNCE and EMC² help. `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -68,11 +69,15 @@ class TrainResult:
 
 def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the final model is and the logged history."""
-    lock = RunLock(config.training.output_dir)  # held while the run lives, released however it ends
+    lock = RunLock(config.training.output_dir)  # held while the run lives, released (its file deleted) however it ends
+    created = not Path(config.training.output_dir).exists()
     try:
         return _train(config, evaluator, lock)
     finally:
         lock.release()
+        if created:  # a run that failed before writing anything leaves no empty folder either
+            with contextlib.suppress(OSError):
+                Path(config.training.output_dir).rmdir()  # only if empty
 
 
 def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None, lock: RunLock) -> TrainResult:

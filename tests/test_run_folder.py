@@ -127,6 +127,31 @@ def test_a_second_job_on_the_same_folder_is_refused_while_the_first_holds_it(tin
     assert train(_config(tiny_bert, tmp_path, "--max_steps", "2", "--resume_from", "latest")).state.step == 2
 
 
+def test_a_run_leaves_no_lock_file_and_a_failed_start_no_folder(tiny_bert, tmp_path):
+    from simcse_flat.data.text import DataError
+
+    config = _config(tiny_bert, tmp_path, "--per_device_train_batch_size", "64")  # 40 sentences: not one batch
+    with pytest.raises(DataError, match="fewer than one batch"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # the folder it created, empty: gone
+    (tmp_path / "run").mkdir()
+    with pytest.raises(DataError):
+        train(config)
+    assert list((tmp_path / "run").iterdir()) == []  # the user's folder is kept, without our lock file
+    train(_config(tiny_bert, tmp_path, "--max_steps", "1"))
+    assert not (tmp_path / "run" / ".simcse_flat.lock").exists() and (tmp_path / "run" / "final").is_dir()
+
+
+def test_a_released_lock_file_is_not_locked_again_by_a_waiting_job(tmp_path):
+    first = RunLock(tmp_path).acquire()
+    first.release()
+    second, third = RunLock(tmp_path).acquire(), RunLock(tmp_path)
+    with pytest.raises(RunFolderError, match="in use"):  # the new file is the one locked
+        third.acquire()
+    second.release()
+    third.acquire().release()
+
+
 def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_the_rerun(tiny_bert, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("logging_steps: 0\n")  # what a run failing at step 1 left
