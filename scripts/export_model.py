@@ -4,10 +4,12 @@
     python scripts/export_model.py runs/x/checkpoint-500 out/my-model --sts_results results.json
     python scripts/export_model.py runs/x/best out/my-model --push_to_hub user/name [--private]
 
-SOURCE is a model folder written by training (``final/``, ``best/``) or a checkpoint folder. ``--sts_results`` is
-the JSON written by ``evaluate_sts.py --output``; its figures go into the card's
-evaluation results (the hub shows them). ``--push_to_hub`` uploads the folder with sentence-transformers' own
-``push_to_hub``.
+SOURCE is a model folder written by training (``final/``, ``best/``) or a checkpoint folder. The export keeps what
+the run measured: the step, and a model folder's ``eval_results.json`` (its STS-B dev figures), which go into the
+card's evaluation results (the hub shows them). ``--sts_results``, the JSON written by ``evaluate_sts.py --output``,
+replaces them. ``--license`` is the model's licence (a hub identifier: apache-2.0, cc-by-sa-4.0, ...), the
+publisher's choice; the training data's licence is the run's ``data_license``. ``--push_to_hub`` uploads the folder
+with sentence-transformers' own ``push_to_hub``; the card's usage snippet then names that hub id (else the folder).
 
 DESTINATION must be a new or empty folder, or an earlier export (replaced only with ``--overwrite``): a folder
 holding anything else is refused untouched, before the model is read.
@@ -39,7 +41,8 @@ def main() -> None:
     parser.add_argument("source")
     parser.add_argument("destination")
     parser.add_argument("--sts_results", help="JSON from evaluate_sts.py --output, for the card's evaluation results")
-    parser.add_argument("--data_license", help="licence of the training data, for the card")
+    parser.add_argument("--data_license", help="licence of the training data, for the card (default: the run's)")
+    parser.add_argument("--license", help="the model's licence, a hub identifier such as apache-2.0 (default: none stated)")
     parser.add_argument("--push_to_hub", metavar="REPO_ID")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at DESTINATION")
@@ -56,10 +59,14 @@ def main() -> None:
         loss_name = config.get("loss", "infonce")
         loss = {"loss": loss_name, "temperature": config.get("temperature"),
                 "hard_negative_weight": config.get("hard_negative_weight")}  # fmt: skip
-        sts = json.loads(open(args.sts_results).read()) if args.sts_results else {}
-        summary = RunSummary(config, loss, loss_class(loss_name).citation, results=sts.get("results"),
-                             split=sts.get("settings", {}).get("split"), base_model=base_model)  # fmt: skip
-    path = export_text_model(encoder, args.destination, overwrite=args.overwrite, summary=summary)
+        steps, results, split = RunSummary.measured(args.source)  # what the run measured, carried over
+        if args.sts_results:
+            sts = json.loads(Path(args.sts_results).read_text())
+            results, split = sts.get("results"), sts.get("settings", {}).get("split")
+        summary = RunSummary(config, loss, loss_class(loss_name).citation, steps=steps, results=results,
+                             split=split or config.get("eval_split"), base_model=base_model, license=args.license)  # fmt: skip
+    path = export_text_model(encoder, args.destination, overwrite=args.overwrite, summary=summary,
+                             model_id=args.push_to_hub)  # fmt: skip
     print(f"wrote {path}")
     if args.push_to_hub:
         print(f"pushed: {push_to_hub(encoder, path, args.push_to_hub, private=args.private)}")

@@ -23,7 +23,9 @@ from .run_folder import write_folder_atomically
 if TYPE_CHECKING:
     from .models.text import SentenceEncoder
 
-REPRODUCE = "accelerate launch train.py --config training_config.yaml"
+# the four flags are what `accelerate config` would otherwise supply (without them accelerate prints a warning block)
+REPRODUCE = ("accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
+             "train.py --config training_config.yaml")
 
 
 @dataclass
@@ -37,17 +39,34 @@ class RunSummary:
     results: dict | None = None  # the evaluator's figures at ``steps``
     split: str | None = None  # the split ``results`` were computed on
     base_model: str | None = None  # the hub id the run started from (:func:`hub_id_of`), None for a local folder
+    license: str | None = None  # the model's licence, a hub identifier (apache-2.0, cc-by-sa-4.0): the publisher's
 
     def files(self) -> dict[str, str]:
-        """``training_config.yaml`` (what "Reproduce" runs) and, with results, ``eval_results.json``."""
+        """``training_config.yaml`` (what "Reproduce" runs) and, with results, ``eval_results.json`` (the step, the
+        split and the figures: what :meth:`measured` reads back)."""
         files = {"training_config.yaml": yaml.safe_dump(self.config, sort_keys=False)}
         if self.results is not None:
-            files["eval_results.json"] = json.dumps({"step": self.steps, **self.results})
+            files["eval_results.json"] = json.dumps({"step": self.steps, "split": self.split, **self.results})
         return files
 
-    def section(self, rows: list[str]) -> str:
+    @staticmethod
+    def measured(folder: str | Path) -> tuple[int | None, dict | None, str | None]:
+        """``(step, results, split)`` a folder written by training or export says about itself: the step from
+        ``simcse_flat.json`` (a checkpoint: ``trainer_state.json``), the figures from ``eval_results.json``."""
+        folder = Path(folder)
+        step, results, split = None, None, None
+        for name in ("simcse_flat.json", "trainer_state.json"):
+            if (folder / name).exists():
+                step = json.loads((folder / name).read_text()).get("step", step)
+        if (folder / "eval_results.json").exists():
+            results = json.loads((folder / "eval_results.json").read_text())
+            step = results.pop("step", step)
+            split = results.pop("split", None)
+        return step, results, split
+
+    def section(self, rows: list[str], citation: bool = True) -> str:
         """The card's markdown about the run: a settings table (the modality's ``rows`` among them), the command
-        that reproduces it, and the loss's citation."""
+        that reproduces it, and (``citation``) the loss's citation."""
         config = self.config
         lines = ["## Training with simcse_flat", "", "| setting | value |", "|---|---|",
                  *(f"| {k} | `{v}` |" for k, v in self.loss.items()), *rows,
@@ -57,7 +76,7 @@ class RunSummary:
                  f"| optimizer steps | {self.steps} |",
                  f"| data licence | {config.get('data_license') or 'see the data source'} |", "",
                  "### Reproduce", "", "```", REPRODUCE, "```", ""]  # fmt: skip
-        if self.citation:
+        if self.citation and citation:
             lines += ["### Citation", "", "```bibtex", self.citation.strip(), "```", ""]
         return "\n".join(lines)
 
@@ -113,33 +132,43 @@ def _portable_path(key: str, value: str) -> str:
 
 
 def export_text_model(
-    encoder: "SentenceEncoder", path: str | Path, overwrite: bool = False, summary: RunSummary | None = None
+    encoder: "SentenceEncoder",
+    path: str | Path,
+    overwrite: bool = False,
+    summary: RunSummary | None = None,
+    model_id: str | None = None,
 ) -> Path:
     """Write ``encoder`` with sentence-transformers' ``save`` at ``path``, atomically; with ``summary``, its model
     card (sentence-transformers' own, evaluation results in the metadata, plus the run's section) and files.
+    The card's usage snippet loads ``model_id`` (the hub id it will be pushed to), else ``path`` (as a portable path).
 
     ``path`` must be new, empty, or (with ``overwrite``) an earlier export of ours: nothing else is ever replaced.
     """
     with encoder.published():
         metadata = {"pooler": encoder.pooler}  # as published: cls_before_pooler where the MLP was training only
+    if summary is not None:
+        metadata["step"] = summary.steps
     with write_folder_atomically(path, overwrite, metadata) as out:
         encoder.save(str(out), create_model_card=False)
         if summary is not None:
-            (out / "README.md").write_text(text_model_card(encoder, summary))
+            (out / "README.md").write_text(text_model_card(encoder, summary, model_id or _portable_path("model", str(path))))
             for name, text in summary.files().items():
                 (out / name).write_text(text)
     return Path(path)
 
 
-def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
-    """sentence-transformers' model card for ``encoder`` with the run's facts, and simcse_flat's section after it."""
+def text_model_card(encoder: "SentenceEncoder", summary: RunSummary, model_id: str) -> str:
+    """sentence-transformers' model card for ``encoder`` with the run's facts, and simcse_flat's section after it.
+
+    ``model_id`` is what the usage snippet loads: a hub id (``user/name``) or the folder. The licence line is the
+    publisher's ``summary.license``; without one, the card says so and names the training data's licence."""
     from sentence_transformers.base.model_card import generate_model_card
     from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
 
     config = summary.config
     card = SentenceTransformerModelCardData(
         language=config.get("language") or "en",
-        license=config.get("license"),
+        license=summary.license,
         model_name=f"{Path(config.get('output_dir', 'model')).name} (simcse_flat, {summary.loss.get('loss')})",
         tags=["sentence-transformers", "sentence-similarity", "feature-extraction", "simcse_flat",
               str(summary.loss.get("loss", ""))],  # fmt: skip
@@ -147,6 +176,11 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
         generate_widget_examples=False,
     )
     card.base_model = summary.base_model
+    card.model_id = model_id  # set after construction: sentence-transformers keeps only "user/name" ids there
+    data_license = config.get("data_license")
+    card.train_datasets = [_dataset_entry(name, data_license, summary.loss) for name in _as_list(config.get("train_file"))]
+    if summary.citation:  # the template's BibTeX section, else an empty heading
+        card.citations = {f"{summary.loss.get('loss', 'loss')} (simcse_flat)": summary.citation}
     for evaluator, metrics in _sts_evaluation_results(summary.results, summary.split):
         card.set_evaluation_metrics(evaluator, metrics, step=summary.steps or 0)
     kept = encoder.model_card_data
@@ -157,6 +191,11 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
             text = generate_model_card(encoder)
     finally:
         encoder.model_card_data = kept
+    if model_id.count("/") != 1 or Path(model_id).exists():  # a folder, not a hub id
+        text = text.replace("# Download from the 🤗 Hub", "# Load the exported folder (or its hub id once pushed)")
+    if not summary.license:
+        text = text.replace("<!-- - **License:** Unknown -->", "- **License:** not chosen by the publisher "
+                            f"(scripts/export_model.py --license); training data: {data_license or 'see its source'}")
     rows = [f"| pooler | `{config.get('pooler') or encoder.pooler}` (mlp_only_train: {config.get('mlp_only_train')}) |",
             f"| max sequence length (training) | {config.get('max_seq_length')} |",
             f"| training data | `{_names(config.get('train_file'))}` |"]  # fmt: skip
@@ -164,11 +203,27 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary) -> str:
         rows.insert(0, f"| initialisation | from scratch: `{config['model_type']}` "
                        f"({config.get('config_overrides') or 'its default config'}), random weights from seed "
                        f"{config.get('seed')}, tokenizer `{config.get('tokenizer_name')}` |")  # fmt: skip
-    return text.rstrip() + "\n\n" + summary.section(rows)
+    return text.rstrip() + "\n\n" + summary.section(rows, citation=False)  # the citation is in the BibTeX section
+
+
+def _dataset_entry(name: str, data_license: str | None, loss: dict) -> dict:
+    """One training file as sentence-transformers' card template lists a training data set."""
+    from .losses import loss_class
+
+    cls = loss_class(loss.get("loss", "infonce"))
+    columns = (["sentence (twice: two dropout views)"] if name.endswith(".txt") else ["sent0", "sent1", "hard_neg"]
+               if name.endswith(".csv") else ["the data set's text columns"])  # fmt: skip
+    return {"name": f"{name} (licence: {data_license})" if data_license else name, "columns": columns,
+            "loss": {"fullname": f"{cls.__module__}.{cls.__name__}",
+                     "config_code": f"```json\n{json.dumps(loss, indent=4)}\n```"}}  # fmt: skip
+
+
+def _as_list(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)] if value else []
 
 
 def _names(value) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return ", ".join(_as_list(value)) or "None"
 
 
 def _sts_evaluation_results(results: dict | None, split: str | None):

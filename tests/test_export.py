@@ -3,6 +3,7 @@ and give the training model's embeddings; the card carries the STS results in it
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from simcse_flat.export import load_trained_encoder, push_to_hub
+from simcse_flat.export import REPRODUCE, load_trained_encoder, push_to_hub
 from simcse_flat.models.text import SentenceEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_the_card_carries_the_sts_results_in_its_metadata(evaluated_run):
         assert metric["type"] == "spearman_cosine"
         assert metric["value"] == pytest.approx(results["stsb_spearman"] / 100, abs=1e-6)
         card = (path / "README.md").read_text()
-        assert "accelerate launch train.py --config training_config.yaml" in card and "CC BY-SA" in card
+        assert REPRODUCE in card and "CC BY-SA" in card
         assert f"| optimizer steps | {results['step']} |" in card
         assert (path / "training_config.yaml").exists()
 
@@ -142,9 +143,59 @@ def test_export_script_reads_a_checkpoint_and_a_final_folder(evaluated_run, tmp_
         done = subprocess.run([sys.executable, str(script), str(source), str(out)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         card = (out / "README.md").read_text()
-        assert "flatnce" in card and "accelerate launch train.py --config training_config.yaml" in card
+        assert "flatnce" in card and REPRODUCE in card
         assert (out / "training_config.yaml").exists()
         # the checkpoint's weights and the final folder's weights are the same model: same vectors
         vectors = SentenceTransformer(str(out), device="cpu").encode(SENTENCES)
         reference = SentenceTransformer(str(evaluated_run.final_model), device="cpu").encode(SENTENCES)
         assert abs(vectors - reference).max() < 1e-6
+
+
+def _export_script(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "export_model.py"), *map(str, argv)],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_an_export_of_a_run_folder_keeps_what_the_run_measured(evaluated_run, tmp_path):
+    best = evaluated_run.output_dir / "best"
+    done = _export_script(best, tmp_path / "out")  # no --sts_results
+    assert done.returncode == 0, done.stderr
+    measured = json.loads((best / "eval_results.json").read_text())
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text()) == measured
+    (result,) = _card_metadata(tmp_path / "out")["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == pytest.approx(measured["stsb_spearman"] / 100, abs=1e-6)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| optimizer steps | {evaluated_run.state.best_step} |" in card and "## Evaluation" in card
+
+
+def test_the_card_names_its_steps_folder_licences_and_citation(evaluated_run, tmp_path):
+    sts = tmp_path / "sts.json"
+    sts.write_text(json.dumps({"settings": {"split": "test"}, "results": {"stsb_spearman": 50.0, "stsb_n_pairs": 9}}))
+    for source, steps in ((evaluated_run.output_dir / "best", evaluated_run.state.best_step),
+                          (evaluated_run.output_dir / "checkpoint-2", 2)):  # fmt: skip
+        out = tmp_path / source.name
+        done = _export_script(source, out, "--sts_results", sts)
+        assert done.returncode == 0, done.stderr
+        card = (out / "README.md").read_text()
+        assert f"| optimizer steps | {steps} |" in card and "| None |" not in card
+        assert f'SentenceTransformer("{out.name}")' in card or f'SentenceTransformer("{out}")' in card
+        assert "sentence_transformers_model_id" not in card and "Download from the" not in card
+        assert "License:** not chosen by the publisher" in card and "License:** Unknown" not in card
+        assert "Training Dataset:** Unknown" not in card
+        assert "- **Training Dataset:**" in card and "(licence: CC BY-SA)" in card
+        bibtex = card.split("### BibTeX", 1)[1].split("\n## ", 1)[0]
+        assert "2107.01152" in bibtex  # FlatNCE's paper, in the template's BibTeX section, once in the card
+        assert card.count("2107.01152") == bibtex.count("2107.01152")
+        assert _card_metadata(out)["model-index"][0]["results"][0]["dataset"]["name"] == "stsb test"
+    done = _export_script(evaluated_run.output_dir / "best", tmp_path / "licensed", "--license", "apache-2.0")
+    assert done.returncode == 0, done.stderr
+    assert _card_metadata(tmp_path / "licensed")["license"] == "apache-2.0"
+    assert "- **License:** apache-2.0" in (tmp_path / "licensed" / "README.md").read_text()
+
+
+def test_the_card_of_a_model_to_push_names_its_hub_id(evaluated_run, tmp_path):
+    from simcse_flat.export import RunSummary, text_model_card
+
+    encoder, config = load_trained_encoder(evaluated_run.output_dir / "final")
+    card = text_model_card(encoder, RunSummary(config, {"loss": "flatnce"}, steps=4), "user/my-model")
+    assert 'SentenceTransformer("user/my-model")' in card and "Download from the 🤗 Hub" in card
