@@ -185,3 +185,21 @@ def test_training_a_model_whose_first_module_is_not_a_transformer_fails_in_one_l
     with pytest.raises(ModelLoadError) as error:
         train(config)
     assert "\n" not in str(error.value) and "first module is StaticEmbedding" in str(error.value)
+
+
+def test_loading_from_python_shows_no_load_report_for_the_pooler_we_drop(tiny_bert, minilm_path, caplog, capsys):
+    """We build BERT without its unused pooler: transformers' "pooler.dense.* | UNEXPECTED" table is our doing, and
+    is not shown (the CLI silences transformers anyway; a library user must not see it either)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
+        SentenceEncoder.from_pretrained(minilm_path)
+    assert "LOAD REPORT" not in caplog.text + capsys.readouterr().err
+    from simcse_flat.models.text import _only_the_dropped_pooler_reported
+
+    report = "BertModel LOAD REPORT from: x\nKey | Status | |\n---+---+-+-\n{} | {} | |\n"
+    record = lambda key, status: logging.LogRecord("t", logging.WARNING, "", 0, report.format(key, status), None, None)
+    assert not _only_the_dropped_pooler_reported(record("pooler.dense.weight", "UNEXPECTED"))
+    assert _only_the_dropped_pooler_reported(record("encoder.layer.0.output.dense.weight", "MISSING"))  # still shown
+    assert _only_the_dropped_pooler_reported(record("pooler.dense.weight", "MISMATCH"))

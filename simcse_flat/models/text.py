@@ -292,10 +292,29 @@ def first_last_layer_pooling(dim: int, num_layers: int) -> nn.Module:
 def _without_unused_pooler(load):
     # BERT-like models build a pooler layer no sentence-transformers pooling uses; without it DDP needs no
     # find_unused_parameters and no parameter sits in the optimizer without a gradient. Others reject the flag.
+    # The checkpoint's pooler weights are then "UNEXPECTED" in transformers' load report: that report alone is
+    # dropped (any other finding, a MISSING weight above all, is still shown).
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_only_the_dropped_pooler_reported)
     try:
-        return load({"add_pooling_layer": False})
-    except TypeError:
-        return load({})
+        try:
+            return load({"add_pooling_layer": False})
+        except TypeError:
+            return load({})
+    finally:
+        logger.removeFilter(_only_the_dropped_pooler_reported)
+
+
+def _only_the_dropped_pooler_reported(record) -> bool:
+    """``False`` (drop the record) for a load report whose every row is a ``pooler.*`` weight left ``UNEXPECTED``."""
+    message = record.getMessage()
+    if "LOAD REPORT" not in message:
+        return True
+    rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if "|" in line]
+    rows = [row for row in rows if row[0] not in ("Key", "") and not set(row[0]) <= {"-", "+"}]
+    return not rows or not all(row[0].startswith("pooler.") and row[1] == "UNEXPECTED" for row in rows)
 
 
 @contextlib.contextmanager
