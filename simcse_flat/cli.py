@@ -34,6 +34,8 @@ def quiet_transformers() -> None:
 def run_cli(main: Callable[[], object]) -> int:
     """Run ``main``; print ``error: ...`` for bad input (set ``SIMCSE_FLAT_DEBUG=1`` for the traceback)."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    for name in ("huggingface_hub", "datasets"):  # they print through their own handler: not twice
+        logging.getLogger(name).propagate = not logging.getLogger(name).handlers
     quiet_transformers()
     try:
         main()

@@ -216,8 +216,39 @@ def test_hub_loader_checks_splits_columns_scores_and_network(monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(StsDataError, match="Offline, pass a SentEval-layout folder as data_dir$"):
+    with pytest.raises(StsDataError, match=r"sts14 test: .*Pass --data_dir DIR .*DIR/STS/STS14-en-test/STS.input"):
         load_hub_task("sts14")
+
+
+def test_without_network_the_hub_is_asked_once_and_the_error_names_the_flag_and_files(monkeypatch):
+    """No network, HF_HUB_OFFLINE unset: one failed connection, then the datasets cache alone (no five retries and
+    their warnings); not there, the error says which flag and which files would do."""
+    import socket
+
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    modes = []
+
+    def load_dataset(path, split=None, **kwargs):
+        modes.append((datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
+        raise ConnectionError(f"Couldn't find {path} in the cache")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(StsDataError) as caught:
+        load_hub_task("stsb", "dev")
+    assert modes == [(True, True)] and (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == (False, False)
+    assert str(caught.value) == (
+        "stsb dev: mteb/stsbenchmark-sts (split 'validation'): not in the datasets cache, and the hub cannot be "
+        f"reached ({constants.ENDPOINT}). Pass --data_dir DIR (data_dir= from Python): a SentEval-layout folder "
+        "(SentEval's data/downstream) holding DIR/STS/STSBenchmark/sts-dev.csv (this repository ships it: "
+        "--data_dir data/senteval)"
+    )
 
 
 def test_evaluate_sts_reads_the_hub_without_data_dir(monkeypatch):
@@ -444,3 +475,13 @@ def test_cli_writes_table_and_json(tiny_bert, tmp_path):
                           "dev", "--data_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "error: sts13 has only a 'test' split (SimCSE selects checkpoints on stsb dev)"
+
+
+def test_the_commands_print_a_hub_warning_once():
+    import subprocess
+    import sys
+
+    code = ("import logging, huggingface_hub; from simcse_flat.cli import run_cli; "
+            "run_cli(lambda: logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s'))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr.count("Retrying in 1s") == 1, done.stderr

@@ -27,7 +27,10 @@ with CSV quoting: STS-B has bare ``"`` characters that a CSV reader silently mer
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -171,12 +174,19 @@ def load_hub_task(name: str, split: str = "test") -> StsTask:
         raise StsDataError(f"{dataset_id} has no {split!r} split (it has {list(hub_splits)}); for {name} {split}, "
                            "pass a SentEval folder as data_dir")  # fmt: skip
     import datasets  # imported here so that only the hub path pays for it
+    from huggingface_hub import constants
 
+    offline = "is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else None
+    if offline is None and not _hub_reachable():  # else five retries and a minute of warnings, then the same error
+        offline = f"cannot be reached ({constants.ENDPOINT})"
     try:
-        rows = datasets.load_dataset(dataset_id, split=hub_splits[split])
+        with _hub_offline() if offline else contextlib.nullcontext():  # offline: the datasets cache alone
+            rows = datasets.load_dataset(dataset_id, split=hub_splits[split])
     except (OSError, ValueError) as err:  # offline (ConnectionError), not found, unknown split
-        raise StsDataError(f"cannot load {dataset_id} (split {hub_splits[split]!r}) from the hub: {err}. "
-                           "Offline, pass a SentEval-layout folder as data_dir") from err  # fmt: skip
+        where = (f"not in the datasets cache, and the hub {offline}" if offline
+                 else f"cannot load it from the hub ({str(err).strip().splitlines()[0] if str(err).strip() else err})")
+        raise StsDataError(f"{name} {split}: {dataset_id} (split {hub_splits[split]!r}): {where}. "
+                           f"{senteval_hint(name, split)}") from err  # fmt: skip
     missing = {"sentence1", "sentence2", "score"} - set(rows.column_names)
     if missing:
         raise StsDataError(f"{dataset_id}: missing columns {sorted(missing)} (it has {rows.column_names})")
@@ -189,6 +199,47 @@ def load_hub_task(name: str, split: str = "test") -> StsTask:
     if not pairs:
         raise StsDataError(f"{dataset_id} ({split}) has no rows")
     return StsTask(name, {split: pairs}, aggregated=name in SENTEVAL_SUBSETS, source=dataset_id)
+
+
+def senteval_hint(name: str, split: str) -> str:
+    """What to pass instead of the hub: the flag, and the files of ``name`` it must hold."""
+    if name in SENTEVAL_SUBSETS:
+        files = f"STS/{SENTEVAL_SUBSETS[name][0]}/STS.input.*.txt and STS.gs.*.txt"
+    else:
+        files = PAIR_FILES[name].files[split]
+    shipped = " (this repository ships it: --data_dir data/senteval)" if (name, split) == ("stsb", "dev") else ""
+    return (f"Pass --data_dir DIR (data_dir= from Python): a SentEval-layout folder (SentEval's data/downstream) "
+            f"holding DIR/{files}{shipped}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host (through a proxy, if one is set, the answer is assumed yes)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """``datasets`` and ``huggingface_hub`` as under ``HF_HUB_OFFLINE=1``, for one load: the cache or an error."""
+    import datasets
+    from huggingface_hub import constants
+
+    kept = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = kept
 
 
 def _check_task_and_split(name: str, split: str) -> None:
