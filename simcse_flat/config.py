@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"  # HfArgumentParser: one --help section per dataclass
     modality: str = field(default="text", metadata={"help": "text (sentence encoders) | vision (SimCLR-style)"})
     model_name_or_path: str | None = field(
         default=None,
@@ -61,6 +62,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
     train_file: list[str] = field(
         default_factory=lambda: ["data/quickstart_sentences.txt"],
         metadata={"help": ".txt (one sentence a line: unsupervised), .csv with sent0,sent1[,hard_neg] (supervised), "
@@ -90,6 +92,7 @@ class DataArguments:
 
 @dataclass
 class LossArguments:
+    _argument_group_name = "loss"
     loss: str = field(default="infonce", metadata={"help": "infonce | flatnce | dcl | sogclr | emc2"})
     temperature: float = field(default=0.05, metadata={"help": "τ in cos / τ."})
     hard_negative_weight: float = field(default=0.0, metadata={"help": "Added to the hard negative's logit (SimCSE)."})
@@ -128,6 +131,7 @@ class LossArguments:
 
 @dataclass
 class TrainerArguments:
+    _argument_group_name = "training (names as transformers.TrainingArguments)"
     output_dir: str = field(default="runs/quickstart", metadata={"help": "Checkpoints, logs and the final model."})
     per_device_train_batch_size: int = field(
         default=64, metadata={"help": "Examples (sentences, images; not views) per process."}
@@ -193,6 +197,8 @@ class TrainerArguments:
 @dataclass
 class VisionArguments:
     """Read only with ``modality: vision`` (SimCLR / FlatCLR); the text path ignores them."""
+
+    _argument_group_name = "vision (read only with --modality vision)"
 
     vision_dataset: str = field(
         default="fashion_mnist", metadata={"help": "cifar10 | cifar100 | stl10 | fashion_mnist | imagefolder"}
@@ -270,6 +276,33 @@ def _line_of_key(path: Path, key: str) -> int | None:
     return None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag once: ``--learning_rate FLOAT``, not also ``--learning-rate LEARNING_RATE`` (the
+    dash spelling HfArgumentParser adds is still accepted), nor ``--no_X`` beside ``--X [true|false]``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if not all(o.startswith(("--no_", "--no-")) for o in action.option_strings):  # --no_X: --X false, listed
+            super().add_argument(action)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return ", ".join(o for o in action.option_strings if "-" not in o[2:] or o.replace("-", "_")[2:] not in
+                             {s[2:] for s in action.option_strings})  # fmt: skip
+        flag = next((o for o in action.option_strings if "-" not in o[2:]), action.option_strings[0])
+        if action.nargs == "?" and action.const is True:
+            value = "[true|false]"
+        elif action.choices:
+            value = "{" + "|".join(map(str, action.choices)) + "}"
+        else:
+            value = getattr(action.type, "__name__", "value").upper()
+            value = value if value in ("INT", "FLOAT") else "VALUE"
+            value = f"{value} [{value} ...]" if action.nargs in ("+", "*") else value
+        return f"{flag} {value}"
+
+
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """``--config FILE`` (optional) then ``--key value`` flags, into a :class:`RunConfig`."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -280,7 +313,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         ALL_ARGUMENTS,
         allow_abbrev=False,
         usage="train.py [--config FILE.yaml] [--key value ...]",
-        description="Every key of the yaml given with --config can be overridden by the flag of the same name.",
+        description="Every key of the yaml given with --config can be overridden by the flag of the same name "
+        "(written with _ or -).",
+        formatter_class=_HelpFormatter,
     )
     if known.config:
         parser.set_defaults(**load_yaml(known.config))

@@ -119,3 +119,24 @@ def test_the_training_arguments_class_does_not_shadow_transformers():
     import simcse_flat.config as config
 
     assert not hasattr(config, "TrainingArguments")
+
+
+def test_help_groups_the_flags_by_what_they_configure_and_lists_each_once(capsys):
+    import dataclasses
+    import re
+
+    from simcse_flat.config import ALL_ARGUMENTS
+
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    titles = [cls._argument_group_name for cls in ALL_ARGUMENTS]
+    assert [t.split()[0] for t in titles] == ["model", "data", "loss", "training", "vision"]
+    sections = re.split(r"^(" + "|".join(map(re.escape, titles)) + r"):$", text, flags=re.M)
+    assert sections[1::2] == titles  # in this order, each once
+    for title, body, cls in zip(titles, sections[2::2], ALL_ARGUMENTS):
+        listed = re.findall(r"^  (--\S+)", body, flags=re.M)
+        assert listed == [f"--{f.name}" for f in dataclasses.fields(cls)], title  # once, underscores, no --no_X
+    assert "--learning-rate" not in text and "LEARNING_RATE" not in text
+    config = parse_config(["--learning-rate", "1e-4", "--no_mask_duplicates", "--resume_from", "latest"])
+    assert (config.training.learning_rate, config.loss.mask_duplicates) == (1e-4, False)  # still accepted
