@@ -23,8 +23,9 @@ from .run_folder import write_folder_atomically
 if TYPE_CHECKING:
     from .models.text import SentenceEncoder
 
-# the four flags are what `accelerate config` would otherwise supply (without them accelerate prints a warning block)
-REPRODUCE = ("accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
+# as the README's quickstart: the four flags are what `accelerate config` would otherwise supply (without them
+# accelerate prints a warning block); --quiet leaves a user error its one line
+REPRODUCE = ("accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
              "train.py --config training_config.yaml")
 
 
