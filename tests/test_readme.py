@@ -160,7 +160,7 @@ def test_every_python_block_runs_as_written(minilm_path, tmp_path, monkeypatch, 
 
     namespace = {}
     exec(training, namespace)
-    assert namespace["result"].state.step == 20
+    assert namespace["result"].state.step == 4
     assert namespace["embeddings"].shape == (2, 384)
     assert (tmp_path / "runs" / "from_python" / "final" / "modules.json").exists()
 
