@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("destination")
     parser.add_argument("--sts_results", help="JSON from evaluate_sts.py --output, for the card's evaluation results")
     parser.add_argument("--data_license", help="licence of the training data, for the card (default: the run's)")
-    parser.add_argument("--license", help="the model's licence, a hub identifier such as apache-2.0 (default: none stated)")
+    parser.add_argument("--license", help="the model's licence, a hub id such as apache-2.0 (default: none stated)")
     parser.add_argument("--push_to_hub", metavar="REPO_ID")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at DESTINATION")
@@ -64,7 +64,8 @@ def main() -> None:
             sts = json.loads(Path(args.sts_results).read_text())
             results, split = sts.get("results"), sts.get("settings", {}).get("split")
         summary = RunSummary(config, loss, loss_class(loss_name).citation, steps=steps, results=results,
-                             split=split or config.get("eval_split"), base_model=base_model, license=args.license)  # fmt: skip
+                             split=split or config.get("eval_split"), base_model=base_model,
+                             license=args.license)  # fmt: skip
     path = export_text_model(encoder, args.destination, overwrite=args.overwrite, summary=summary,
                              model_id=args.push_to_hub)  # fmt: skip
     print(f"wrote {path}")

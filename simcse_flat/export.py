@@ -152,7 +152,8 @@ def export_text_model(
     with write_folder_atomically(path, overwrite, metadata) as out:
         encoder.save(str(out), create_model_card=False)
         if summary is not None:
-            (out / "README.md").write_text(text_model_card(encoder, summary, model_id or _portable_path("model", str(path))))
+            model_id = model_id or _portable_path("model", str(path))
+            (out / "README.md").write_text(text_model_card(encoder, summary, model_id))
             for name, text in summary.files().items():
                 (out / name).write_text(text)
     return Path(path)
@@ -179,7 +180,8 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary, model_id: s
     card.base_model = summary.base_model
     card.model_id = model_id  # set after construction: sentence-transformers keeps only "user/name" ids there
     data_license = config.get("data_license")
-    card.train_datasets = [_dataset_entry(name, data_license, summary.loss) for name in _as_list(config.get("train_file"))]
+    card.train_datasets = [_dataset_entry(name, data_license, summary.loss)
+                           for name in _as_list(config.get("train_file"))]  # fmt: skip
     if summary.citation:  # the template's BibTeX section, else an empty heading
         card.citations = {f"{summary.loss.get('loss', 'loss')} (simcse_flat)": summary.citation}
     for evaluator, metrics in _sts_evaluation_results(summary.results, summary.split):

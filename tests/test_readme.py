@@ -176,8 +176,9 @@ def test_a_mistyped_flag_in_the_quickstart_command_prints_one_line(tmp_path):
     line = "error: command line: unknown key 'learning_rat'; did you mean 'learning_rate'?"
     launcher_flags = QUICKSTART[2 : QUICKSTART.index("train.py")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launcher_flags, "train.py",
-                               "--learning_rat", "1e-4"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags]
+    launched = subprocess.run([*launcher, "train.py", "--learning_rat", "1e-4"], cwd=ROOT, env=env,
+                              capture_output=True, text=True)  # fmt: skip
     direct = subprocess.run([sys.executable, "train.py", "--learning_rat", "1e-4"], cwd=ROOT, env=env,
                             capture_output=True, text=True)  # fmt: skip
     assert (launched.returncode, launched.stderr.splitlines(), launched.stdout) == (1, [line], "")
