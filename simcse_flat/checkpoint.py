@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .run_folder import LEGACY_CHECKPOINT_DIR, write_synced
+from .run_folder import CHECKPOINT_MANIFEST, LEGACY_CHECKPOINT_DIR, write_synced
 from .state_io import load_tree, save_tree
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = CHECKPOINT_MANIFEST
 MODEL_FILE = "model.safetensors"
 TREES = ("optimizer", "scheduler", "loss_state")  # always present; "scaler" only under fp16
 

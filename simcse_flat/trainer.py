@@ -49,6 +49,7 @@ from .modalities import build_parts, expected_weights_bytes
 from .optim import build_optimizer
 from .run_folder import (
     LOG_FILE,
+    RUN_FILES,
     RunLock,
     check_earlier_run,
     preflight_output_dir,
@@ -143,7 +144,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                 accelerator.print(f"warning: resumed with a setting changed since that checkpoint: {change}")
     config_yaml = _config_yaml(config)
     if accelerator.is_main_process:
-        start_run_folder(output_dir, state.step)
+        # what this run will write besides checkpoints and exports: logs/ only with a tracker
+        start_run_folder(output_dir, state.step, tuple(n for n in RUN_FILES if n != "logs" or args.report_to != "none"))
         write_text_atomically(output_dir / "config.yaml", config_yaml)
     accelerator.wait_for_everyone()  # no process logs into the folder before it is this run's
     if args.report_to != "none":
