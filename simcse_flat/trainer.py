@@ -158,7 +158,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     history: list[dict[str, float]] = []
-    running: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}  # the window's sums since the last logged row, on the device
+    window_batches = 0  # micro-batches in those sums
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     cache = None
     if args.grad_cache_chunk_size:  # the whole batch's negatives, one chunk's activations
@@ -203,7 +204,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                 optimizer.step()  # accelerate makes these no-ops until the last micro-batch of the step
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
-            _accumulate(running, {"loss": loss.detach(), **metrics}, args.gradient_accumulation_steps)
+            _accumulate(running, {"loss": loss.detach(), **metrics})
+            window_batches += 1
             if not accelerator.sync_gradients:
                 continue
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
@@ -212,13 +214,17 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
             progress.update(1)
 
             if state.step % args.logging_steps == 0 or state.step == total_steps:
-                row = {**_reduce(accelerator, running), "lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
+                # the mean over every micro-batch of the window since the last row (transformers' Trainer
+                # averages the window too); a step the epoch's end cut short counts its micro-batches only
+                means = _reduce(accelerator, running, window_batches)
+                row = {**means, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
                 now = time.perf_counter()
                 row["seconds_per_step"] = (now - window_start) / (state.step - window_step)
                 window_start, window_step = now, state.step
                 _log(accelerator, output_dir, history, {"step": state.step, **row})
                 progress.set_postfix(loss=f"{row['loss']:.4g}", infonce=f"{row['infonce']:.3g}")
-            running.clear()
+                running.clear()
+                window_batches = 0
             if evaluating and (state.step % args.eval_steps == 0 or state.step == total_steps):
                 last_eval = _evaluate(accelerator, encoder, evaluator, export_best, state, output_dir, history)
             if args.save_steps > 0 and state.step % args.save_steps == 0:
@@ -319,15 +325,18 @@ def _tracker_config(config: RunConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
 
 
-def _accumulate(running: dict[str, float], metrics: dict, accumulation: int) -> None:
+def _accumulate(running: dict[str, torch.Tensor], metrics: dict) -> None:
+    """Add one micro-batch's metrics to the window's sums, on the device: no host synchronisation here."""
     for key, value in metrics.items():
-        running[key] = running.get(key, 0.0) + float(value) / accumulation
+        value = torch.as_tensor(value).detach().float()
+        running[key] = running[key] + value if key in running else value
 
 
-def _reduce(accelerator: Accelerator, running: dict[str, float]) -> dict[str, float]:
-    """Mean of the step's metrics over processes (one all-reduce for all of them)."""
+def _reduce(accelerator: Accelerator, running: dict[str, torch.Tensor], batches: int) -> dict[str, float]:
+    """The window's mean of every metric over its ``batches`` micro-batches and over the processes (one
+    all-reduce for all of them, and the one read on the host)."""
     keys = sorted(running)
-    values = torch.tensor([running[k] for k in keys], device=accelerator.device)
+    values = torch.stack([running[k].to(accelerator.device).reshape(()) for k in keys]) / max(batches, 1)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(keys, values.tolist()))
 

@@ -168,3 +168,18 @@ def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
     assert sorted(resumed) == sorted(whole) == list(range(1, 121))
     for step in whole:
         assert resumed[step] == pytest.approx(whole[step], abs=1e-6), step
+
+
+def test_a_logged_row_is_the_mean_over_its_window_of_steps(tiny_bert, tmp_path):
+    """logging_steps 3: the row of step 3 is the mean of steps 1-3 as logged one by one, and of each step's two
+    micro-batches (accumulation 2), as transformers' Trainer averages the window; not the last step alone."""
+    flags = ("--max_steps", "4", "--save_steps", "0", "--gradient_accumulation_steps", "2", "--loss", "flatnce",
+             "--per_device_train_batch_size", "4")  # 10 micro-batches an epoch: every step has its two
+    every = train(_config(tiny_bert, tmp_path / "every", *flags)).history
+    windows = train(_config(tiny_bert, tmp_path / "windows", *flags, "--logging_steps", "3")).history
+    assert [row["step"] for row in windows] == [3, 4]
+    for key in ("loss", "infonce", "accuracy", "positive_logit"):
+        by_step = [row[key] for row in every]
+        assert windows[0][key] == pytest.approx(sum(by_step[:3]) / 3, rel=1e-5), key
+        assert windows[1][key] == pytest.approx(by_step[3], rel=1e-5), key  # the last step: a window of one
+    assert len({round(row["loss"], 6) for row in every[:3]}) == 3  # the steps differ: the mean is not any of them
