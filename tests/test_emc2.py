@@ -420,3 +420,34 @@ def test_two_gloo_processes_hold_one_state_and_match_one_process(tmp_path):
                     torch.testing.assert_close(r[name]["state"][key], value, rtol=1e-5, atol=1e-5)
         for got, expected in zip(ranks[0][name]["grads"], single_grads):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hard_negative_weight_biases_the_reported_metrics_only_not_the_chains_or_the_estimate():
+    """SimCSE's weight is a logit bias of its softmax; EMC²'s target p_i is the unbiased global softmax, so the MH
+    scores, the chains and the estimate must not see it (the docstring's promise); the shared metrics do."""
+    m = 6
+    generator = torch.Generator().manual_seed(0)
+    anchors, positives, hard = (torch.randn(m, 4, generator=generator) for _ in range(3))
+    ids = torch.arange(m)
+
+    def run(weight: float):
+        loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, hard_negative_weight=weight, seed=2)
+        steps = []
+        for _ in range(3):
+            encode = lambda states: torch.cat([positives, hard])[states]  # noqa: E731 - state m + j: hard negative j
+            steps.append(contrastive_loss_on_views(loss_fn, torch.cat([anchors, positives, hard]), ids,
+                                                   encode_samples=encode))  # fmt: skip
+        return loss_fn, steps
+
+    plain, plain_steps = run(0.0)
+    weighted, weighted_steps = run(5.0)
+    for (loss0, _), (loss5, _) in zip(plain_steps, weighted_steps):
+        assert loss5.item() == pytest.approx(loss0.item(), rel=1e-6)
+    assert torch.equal(plain.sampler.negative_ids, weighted.sampler.negative_ids)
+    torch.testing.assert_close(plain.sampler.log_scores, weighted.sampler.log_scores)
+    # the metrics: InfoNCE of the biased logits, by hand (s = cos / τ, +5 on each anchor's own hard negative)
+    s = F.normalize(anchors, dim=-1) @ F.normalize(torch.cat([positives, hard]), dim=-1).T / TAU
+    s[ids, m + ids] += 5.0
+    expected = (torch.logsumexp(s, 1) - s[ids, ids]).mean()
+    assert weighted_steps[-1][1]["infonce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert plain_steps[-1][1]["infonce"].item() != pytest.approx(expected.item(), rel=1e-3)
