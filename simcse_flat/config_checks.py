@@ -55,7 +55,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"emc2_proposals must be >= 1, got {config.loss.emc2_proposals}")
     check_choice("optim", training.optim, ("adamw", "sgd", "lars"))
     _resolve_strategies(training)
-    check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
+    from .optim import LR_SCALINGS
+
+    check_choice("lr_scaling", training.lr_scaling, tuple(LR_SCALINGS))
     _validate_loss_choices(config.loss)
     from .modalities import check_modality_settings  # the modality's own checks: text's model, vision's images
 

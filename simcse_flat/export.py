@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from .optim import describe_learning_rate
 from .run_folder import write_folder_atomically
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class RunSummary:
                  *(f"| {k} | `{v}` |" for k, v in self.loss.items()), *rows,
                  f"| batch size per device | {config.get('per_device_train_batch_size')} |",
                  f"| gradient accumulation | {config.get('gradient_accumulation_steps')} |",
-                 f"| learning rate | {config.get('learning_rate')} |",
+                 f"| learning rate | {describe_learning_rate(config)} |",
                  f"| optimizer steps | {self.steps} |",
                  f"| data licence | {config.get('data_license') or 'see the data source'} |", "",
                  "### Reproduce", "", "```", REPRODUCE, "```", ""]  # fmt: skip

@@ -117,7 +117,7 @@ def vision_model_card(summary: RunSummary) -> str:
     results = summary.results or {}
     rows = [f"| encoder | `{config.get('arch')}` (CIFAR stem: {config.get('cifar_stem')}), random init |",
             f"| image size | {config.get('image_size')} |",
-            f"| optimizer | `{config.get('optim')}` (lr scaling: {config.get('lr_scaling')}) |",
+            f"| optimizer | `{config.get('optim')}` |",
             f"| training data | `{config.get('vision_dataset')}` |"]  # fmt: skip
     body = [f"# {Path(config.get('output_dir', 'model')).name} (simcse_flat)", "",
             f"An image-embedding model trained with simcse_flat using the **{loss}** contrastive loss.", "",

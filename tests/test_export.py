@@ -148,3 +148,12 @@ def test_export_script_reads_a_checkpoint_and_a_final_folder(evaluated_run, tmp_
         vectors = SentenceTransformer(str(out), device="cpu").encode(SENTENCES)
         reference = SentenceTransformer(str(evaluated_run.final_model), device="cpu").encode(SENTENCES)
         assert abs(vectors - reference).max() < 1e-6
+
+
+def test_the_card_names_the_learning_rate_rule():
+    from simcse_flat.export import RunSummary
+
+    for scaling, shown in (("sqrt", "| learning rate | 0.075 with lr_scaling sqrt: lr · √B, B examples a step |"),
+                           ("linear", "| learning rate | 0.075 with lr_scaling linear: lr · B / 256, B examples a step |"),
+                           ("none", "| learning rate | 0.075 |")):  # fmt: skip
+        assert shown in RunSummary({"learning_rate": 0.075, "lr_scaling": scaling}).section([]).splitlines()
