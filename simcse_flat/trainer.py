@@ -174,6 +174,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     last_eval: dict | None = None
     if evaluating and state.step == 0:  # the starting point, for the before/after line; never "best"
         last_eval = _evaluate(accelerator, encoder, evaluator, None, state, output_dir, history)
+    elif evaluating:  # resumed: the evaluation of the checkpoint's weights, for final/'s card if no step follows
+        last_eval = _recorded_evaluation(output_dir, state.step)
     baseline = last_eval
     window_start, window_step = time.perf_counter(), state.step  # wall time per step since the last log
     encoder.train()
@@ -373,6 +375,19 @@ def _evaluate(accelerator, encoder, evaluator, export_best, state: TrainState, o
     # only the main process writes trainer_state.json, so only it needs to know the best metric
     accelerator.wait_for_everyone()
     return results
+
+
+def _recorded_evaluation(output_dir: Path, step: int) -> dict | None:
+    """The results of the evaluation at ``step``, as an export of that step recorded them (``final/`` or ``best/``,
+    their ``eval_results.json``), or ``None``: what a resumed run that trains no further step puts on its card."""
+    for folder in ("final", "best"):
+        try:
+            recorded = json.loads((output_dir / folder / "eval_results.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(recorded, dict) and recorded.get("step") == step and "primary_metric" in recorded:
+            return {k: v for k, v in recorded.items() if k != "step"}
+    return None
 
 
 def _print_before_after(accelerator, baseline: dict | None, state: TrainState) -> None:

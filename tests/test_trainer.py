@@ -183,3 +183,20 @@ def test_a_logged_row_is_the_mean_over_its_window_of_steps(tiny_bert, tmp_path):
         assert windows[0][key] == pytest.approx(sum(by_step[:3]) / 3, rel=1e-5), key
         assert windows[1][key] == pytest.approx(by_step[3], rel=1e-5), key  # the last step: a window of one
     assert len({round(row["loss"], 6) for row in every[:3]}) == 3  # the steps differ: the mean is not any of them
+
+
+def test_resuming_a_finished_run_keeps_the_evaluation_on_its_final_card(tiny_bert, tmp_path):
+    calls = []
+
+    def evaluator(encoder):
+        calls.append(1)
+        return {"primary_metric": "stsb_spearman", "stsb_spearman": 40.0 + len(calls), "stsb_n_pairs": 10}
+
+    flags = ("--max_steps", "2", "--save_steps", "2", "--eval_steps", "2")
+    train(_config(tiny_bert, tmp_path, *flags), evaluator)
+    final = tmp_path / "run" / "final"
+    card, results = (final / "README.md").read_text(), (final / "eval_results.json").read_text()
+    assert "| spearman_cosine | 0.42 " in card and '"stsb_spearman": 42.0' in results  # step 0, then step 2
+    again = train(_config(tiny_bert, tmp_path, *flags, "--resume_from", "latest"), evaluator)
+    assert again.state.step == 2 and len(calls) == 2  # nothing trained, nothing evaluated again
+    assert (final / "README.md").read_text() == card and (final / "eval_results.json").read_text() == results
