@@ -23,6 +23,7 @@ from torch import Tensor
 from .config import TrainerArguments
 
 MOMENTUM = 0.9  # SimCLR, FlatCLR and MoCo all use 0.9 for SGD and LARS
+OPTIMIZERS = ("adamw", "sgd", "lars")
 LR_SCALINGS = {"none": "lr", "linear": "lr · B / 256", "sqrt": "lr · √B"}  # the table above
 
 
@@ -63,7 +64,7 @@ def build_optimizer(
         return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM)
     if args.optim == "lars":
         return LARS(groups, lr=lr, momentum=MOMENTUM)
-    raise ValueError(f"optim must be adamw, sgd or lars, got {args.optim!r}")
+    raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {args.optim!r}")
 
 
 class LARS(torch.optim.Optimizer):
