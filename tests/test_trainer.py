@@ -200,3 +200,27 @@ def test_resuming_a_finished_run_keeps_the_evaluation_on_its_final_card(tiny_ber
     again = train(_config(tiny_bert, tmp_path, *flags, "--resume_from", "latest"), evaluator)
     assert again.state.step == 2 and len(calls) == 2  # nothing trained, nothing evaluated again
     assert (final / "README.md").read_text() == card and (final / "eval_results.json").read_text() == results
+
+
+@pytest.mark.parametrize("optim", ["adamw", "sgd", "lars"])
+def test_weight_decay_reaches_the_weight_matrices_and_not_biases_or_norms(tiny_bert, tmp_path, optim):
+    """One step with zero gradients moves a parameter by its weight decay alone: every weight matrix of the model
+    shrinks, no bias or LayerNorm parameter moves; without weight decay nothing moves."""
+    from simcse_flat.models.text import SentenceEncoder
+    from simcse_flat.optim import build_optimizer
+    from simcse_flat.trainer import _param_groups
+
+    for decay in (0.1, 0.0):
+        args = _config(tiny_bert, tmp_path, "--optim", optim, "--weight_decay", str(decay)).training
+        model = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer = build_optimizer(_param_groups(model, args.weight_decay), args, torch.device("cpu"), 8)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+        matrices = {name for name, p in model.named_parameters() if p.ndim >= 2}
+        assert any("LayerNorm" in name for name in before) and any(name.endswith("bias") for name in before)
+        assert moved == (matrices if decay else set()), (optim, decay)
+        for name in moved:  # shrunk toward 0, not pushed anywhere else
+            assert model.get_parameter(name).norm() < before[name].norm()
