@@ -60,7 +60,7 @@ from simcse_flat.evaluation import TASK_NAMES, StsTask, load_sts_tasks
 from simcse_flat.modalities import final_model_scores, primary_metric, untrained_scores
 from simcse_flat.optim import LR_SCALINGS, configured_learning_rate, scaled_learning_rate
 from simcse_flat.run_folder import read_log, write_text_atomically
-from simcse_flat.trainer import train_from_config
+from simcse_flat.trainer import train
 
 ROW_FILE = "sweep_row.json"  # a finished run's row, so that a rerun reads it instead of loading the run again
 CSV_COLUMNS = ("loss", "batch_size", "seed", "learning_rate", "temperature", "steps", "examples", "untrained",
@@ -118,7 +118,7 @@ def run_one(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, f
     config = parse_config(argv)
     reset_peak_memory()
     start = time.perf_counter()
-    result = train_from_config(config)  # a finished run resumes at its last step and trains nothing
+    result = train(config)  # a finished run resumes at its last step and trains nothing
     log = read_log(result.output_dir)  # the whole run, across resumes
     evals = [row for row in log if any(k.startswith("eval/") for k in row)]
     train_rows = [row for row in log if "loss" in row]
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="vision: labelled images to fit on")
     parser.add_argument("--probe_test_samples", type=int, default=2_000, help="vision: labelled images to score")
     parser.add_argument("--test_data_dir", help="text: also score each final model on SentEval's STS test sets "
-                        "in this folder (the 'test' column: their mean, untruncated, as evaluate_sts.py)")  # fmt: skip
+                        "in this folder (the 'test' column: their mean, untruncated)")  # fmt: skip
     parser.add_argument("--test_tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES), metavar="TASK",
                         help="with --test_data_dir (default: all seven)")  # fmt: skip
     args, extra = parser.parse_known_args(argv)

@@ -198,7 +198,7 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     """
     from safetensors.torch import load_model
 
-    from .models.text import ModelLoadError, SentenceEncoder, load_encoder
+    from .models.text import ModelLoadError, SentenceEncoder, encoder_from_settings
 
     path = Path(path)
     if (path / "modules.json").exists():
@@ -208,6 +208,6 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     if not ((path / "model.safetensors").exists() and (path / "config.yaml").exists()):
         raise ModelLoadError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text())
-    encoder = load_encoder(config)  # the architecture the run built (pretrained or fresh), its weights below
+    encoder = encoder_from_settings(config)  # the architecture the run built (pretrained or fresh), its weights below
     load_model(encoder, str(path / "model.safetensors"))  # as the checkpoint wrote it (tied weights stored once)
     return encoder, config

@@ -68,7 +68,10 @@ class TrainResult:
 
 
 def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
-    """Train as ``config`` says; returns where the final model is and the logged history."""
+    """Train as ``config`` says (what ``train.py`` runs); returns where the final model is and the logged history.
+
+    ``evaluator`` (``model -> results``, with ``primary_metric`` naming the headline) replaces the modality's own
+    (STS for text, kNN accuracy for vision), which runs when ``eval_steps`` asks for one."""
     lock = RunLock(config.training.output_dir)  # held while the run lives, released however it ends
     try:
         return _train(config, evaluator, lock)
@@ -401,8 +404,3 @@ def _run_summary(config: RunConfig, loss_fn, steps: int, results: dict | None) -
     return RunSummary(portable_config(config.to_dict()), loss_fn.get_config_dict(), loss_fn.citation, steps, results,
                       split=config.training.eval_split, base_model=hub_id_of(config.model.model_name_or_path))  # fmt: skip
 
-
-def train_from_config(config: RunConfig) -> TrainResult:
-    """What ``train.py`` runs: ``train`` with the modality's evaluator when ``eval_steps`` asks for one (STS for
-    text, kNN accuracy for vision)."""
-    return train(config)

@@ -153,7 +153,7 @@ def linear_probe_scores(config: RunConfig, model: Path | None, max_train: int, m
 
 def load_encoder(path: str | Path, random_init: bool = False) -> VisionEncoder:
     """A trained encoder from a model folder (``final/``, ``best/``: ``vision_config.json`` + weights) or a training
-    checkpoint (``checkpoint-N``: accelerate's ``model.safetensors`` + the run's ``config.yaml``).
+    checkpoint (``checkpoint-N``: simcse_flat's ``model.safetensors`` + the run's ``config.yaml``).
 
     ``random_init`` builds the same architecture with fresh weights: the baseline a trained encoder must beat.
     """

@@ -28,7 +28,7 @@ from simcse_flat.data.vision import (  # noqa: E402
 from simcse_flat.evaluation.linear_probe import knn_accuracy, linear_probe_accuracy  # noqa: E402
 from simcse_flat.models.vision import VisionEncoder, VisionModelConfig  # noqa: E402
 from simcse_flat.optim import LARS, build_optimizer, scaled_learning_rate  # noqa: E402
-from simcse_flat.trainer import train_from_config  # noqa: E402
+from simcse_flat.trainer import train  # noqa: E402
 from simcse_flat.vision import load_encoder  # noqa: E402
 from conftest import load_script  # noqa: E402
 
@@ -225,7 +225,7 @@ def test_unknown_vision_dataset_names_the_closest():
 
 def _tiny_run(data: Path, output_dir: Path, loss: str, *extra: str):
     """Two LARS steps of a ResNet-18 at 16 px on the tiny Fashion-MNIST, checkpoint at step 2."""
-    return train_from_config(parse_config([
+    return train(parse_config([
         "--modality", "vision", "--vision_dataset", "fashion_mnist", "--data_root", str(data),
         "--image_size", "16", "--projection_dim", "16", "--loss", loss, "--temperature", "0.2",
         "--optim", "lars", "--learning_rate", "0.075", "--lr_scaling", "sqrt", "--max_grad_norm", "0",
