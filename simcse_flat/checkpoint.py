@@ -47,8 +47,7 @@ MODEL_FILE = "model.safetensors"
 TREES = ("optimizer", "scheduler", "loss_state")  # always present; "scaler" only under fp16
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or resumed from; the message names the file."""
+from .errors import CheckpointError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 @dataclass

@@ -37,8 +37,7 @@ RUN_FILES = (LOG_FILE, "logs", "config.yaml")  # vouched for by RUN_MARKER; chec
 CHECKPOINT_MANIFEST = "manifest.json"  # in every checkpoint we write (simcse_flat.checkpoint)
 
 
-class RunFolderError(ValueError):
-    """An output folder that cannot be used as asked; the message names it and says what to do."""
+from .errors import RunFolderError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 # ---- the run folder -----------------------------------------------------------------------------------------------

@@ -38,10 +38,10 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .cli import USER_ERRORS, TrainingDiverged
 from .config import RunConfig
 from .data.batching import SourceBatchSampler
 from .data.text import DataError
+from .errors import USER_ERRORS, TrainingDiverged
 from .export import RunSummary, hub_id_of, portable_config
 from .grad_cache import GradCache
 from .losses import build_loss_from_settings

@@ -32,10 +32,10 @@ from .data.vision import (
     subset,
 )
 from .distributed import world_size
+from .errors import ModelLoadError
 from .evaluation.linear_probe import extract_features, finetune_accuracy, knn_accuracy, probe_scores
 from .export import RunSummary
 from .modalities import TrainingParts
-from .models.text import ModelLoadError
 from .models.vision import ARCHS, CONFIG_FILE, NORM_LAYERS, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
 from .run_folder import add_files_to_export
 

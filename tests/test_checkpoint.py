@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from simcse_flat.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
-from simcse_flat.cli import TrainingDiverged
+from simcse_flat.errors import TrainingDiverged
 from simcse_flat.trainer import train
 
 from test_trainer import _config, _losses

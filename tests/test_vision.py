@@ -332,3 +332,17 @@ def test_a_vision_sweep_plots_linear_probe_accuracy_against_the_batch(fake_fmnis
     assert [float(r["linear"]) for r in table] == [round(b4["linear"], 4), round(b8["linear"], 4)]
     assert {float(r["untrained"]) for r in table} == {round(untrained["linear"], 4)}  # the probe of the random init
     assert (tmp_path / "c" / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_core_raises_errors_of_its_own_and_the_vision_path_needs_no_text_libraries():
+    """The errors live in simcse_flat.errors (the trainer no longer imports the CLI for them), and the vision
+    modality imports neither sentence-transformers nor datasets to get one."""
+    import subprocess
+
+    code = ("import sys, simcse_flat.vision, simcse_flat.errors as e, simcse_flat.config as c, simcse_flat.cli as cli; "
+            "assert c.ConfigError is e.ConfigError and cli.TrainingDiverged is e.TrainingDiverged; "
+            "print(sorted(m for m in ('sentence_transformers', 'datasets', 'simcse_flat.trainer') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    trainer_source = (Path(__file__).resolve().parents[1] / "simcse_flat" / "trainer.py").read_text()
+    assert "from .cli import" not in trainer_source

@@ -48,8 +48,7 @@ POOLERS = ("cls", "cls_before_pooler", "mean", "avg_first_last")
 _POOLER_ALIASES = {"avg": "mean"}
 
 
-class ModelLoadError(ValueError):
-    """The model could not be loaded (wrong path, not cached offline, a module that cannot be used)."""
+from ..errors import ModelLoadError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 def resolve_pooler(name: str) -> str:
