@@ -170,6 +170,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     encode = cache.encode if cache is not None else lambda inputs: encoder(**inputs)
     encode_samples = parts.sample_encoder(encode, accelerator.device)  # samples outside the batch, for a loss that asks
     evaluating = evaluator is not None and args.eval_steps > 0
+    finite = _Finiteness(accelerator.device)
 
     def export_best(model, results: dict) -> None:  # best/: the weights and the card of its own evaluation
         parts.export(model, output_dir / "best", overwrite=True, summary=_run_summary(config, loss_fn, state.step, results))
@@ -198,14 +199,16 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                     loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples, parts.negatives,
                     keys if config.loss.mask_duplicates else None,
                 )
-                _stop_if_not_finite(accelerator, "loss", loss.detach(), state, output_dir)
+                finite.note("loss", loss.detach())  # on the device: read once a step, below
                 accelerator.backward(loss)
                 if cache is not None:  # the loss's gradient stopped at the cached embeddings; on into the encoder
                     cache.backward()
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
                     if accelerator.mixed_precision != "fp16":  # fp16's scaler skips such a step by design
-                        _stop_if_not_finite(accelerator, "gradient norm", norm, state, output_dir)
+                        finite.note("gradient norm", norm)
+                if accelerator.sync_gradients:  # before the weights change: one reduce and one read a step
+                    finite.stop_if_not(accelerator, state, output_dir)
                 optimizer.step()  # accelerate makes these no-ops until the last micro-batch of the step
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
@@ -295,21 +298,38 @@ def _checkpoint_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module) -> int:
     return int(1.25 * (3 * weights + state))
 
 
-def _stop_if_not_finite(
-    accelerator: Accelerator, what: str, value: torch.Tensor, state: TrainState, output_dir: Path
-) -> None:
-    """Stop the run, on every process at once, before a NaN or infinity reaches the weights or a checkpoint."""
-    bad = torch.logical_not(torch.isfinite(value.detach().float())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if float(bad) == 0:
-        return
-    checkpoints = list_checkpoints(output_dir, only_ours=True)
-    kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-    raise TrainingDiverged(
-        f"the {what} became {float(value):g} at step {state.step + 1}; stopped before updating the weights ({kept}). "
-        "Lower learning_rate, raise temperature, or check the data."
-    )
+class _Finiteness:
+    """Whether a NaN or infinity appeared in this step's losses or gradient norm, kept on the device: each
+    micro-batch adds to it without a host synchronisation, and :meth:`stop_if_not` reads it once a step, before the
+    optimizer step, so the run stops, on every process at once, before it reaches the weights or a checkpoint."""
+
+    WHAT = ("loss", "gradient norm")
+
+    def __init__(self, device: torch.device) -> None:
+        self.count = torch.zeros(len(self.WHAT), device=device)  # non-finite values this step, by kind
+        self.first = torch.zeros(len(self.WHAT), device=device)  # the first of them, for the message
+
+    def note(self, what: str, value: torch.Tensor) -> None:
+        slot, value = self.WHAT.index(what), value.detach().float().reshape(())
+        bad = torch.logical_not(torch.isfinite(value))
+        self.first[slot] = torch.where(bad & (self.count[slot] == 0), value, self.first[slot])
+        self.count[slot] += bad.float()
+
+    def stop_if_not(self, accelerator: Accelerator, state: TrainState, output_dir: Path) -> None:
+        everywhere = accelerator.reduce(self.count, reduction="sum") if accelerator.num_processes > 1 else self.count
+        counts, local, first = everywhere.tolist(), self.count.tolist(), self.first.tolist()  # the step's one read
+        self.count.zero_()
+        self.first.zero_()
+        if not any(counts):
+            return
+        slot = 0 if counts[0] else 1
+        value = f"{first[slot]:g}" if local[slot] else "non-finite on another process"
+        checkpoints = list_checkpoints(output_dir, only_ours=True)
+        kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"the {self.WHAT[slot]} became {value} at step {state.step + 1}; stopped before updating the weights "
+            f"({kept}). Lower learning_rate, raise temperature, or check the data."
+        )
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
