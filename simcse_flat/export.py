@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from .optim import describe_learning_rate
 from .run_folder import write_folder_atomically
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class RunSummary:
                  *(f"| {k} | `{v}` |" for k, v in self.loss.items()), *rows,
                  f"| batch size per device | {config.get('per_device_train_batch_size')} |",
                  f"| gradient accumulation | {config.get('gradient_accumulation_steps')} |",
-                 f"| learning rate | {config.get('learning_rate')} |",
+                 f"| learning rate | {describe_learning_rate(config)} |",
                  f"| optimizer steps | {self.steps} |",
                  f"| data licence | {config.get('data_license') or 'see the data source'} |", "",
                  "### Reproduce", "", "```", REPRODUCE, "```", ""]  # fmt: skip
@@ -255,7 +256,7 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     """
     from safetensors.torch import load_model
 
-    from .models.text import ModelLoadError, SentenceEncoder, load_encoder
+    from .models.text import ModelLoadError, SentenceEncoder, encoder_from_settings
 
     path = Path(path)
     if (path / "modules.json").exists():
@@ -265,6 +266,6 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     if not ((path / "model.safetensors").exists() and (path / "config.yaml").exists()):
         raise ModelLoadError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text())
-    encoder = load_encoder(config)  # the architecture the run built (pretrained or fresh), its weights below
+    encoder = encoder_from_settings(config)  # the architecture the run built (pretrained or fresh), its weights below
     load_model(encoder, str(path / "model.safetensors"))  # as the checkpoint wrote it (tied weights stored once)
     return encoder, config

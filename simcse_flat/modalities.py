@@ -65,13 +65,13 @@ def text_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
     (one or several sources)."""
     from .data.text import ContrastiveCollator, SourcesDataset, load_train_source
     from .export import export_text_model
-    from .models.text import check_trainable, load_encoder
+    from .models.text import check_trainable, encoder_from_settings
 
     # the evaluation data is read (and checked) before the model loads
     evaluator = sts_evaluator(config) if evaluate and config.training.eval_steps > 0 else None
     # pretrained, or fresh from the run's seed (set before this); its max_seq_length stays the inference length,
     # the collator truncates training text
-    encoder = load_encoder(dataclasses.asdict(config.model))
+    encoder = encoder_from_settings(dataclasses.asdict(config.model))
     check_trainable(encoder, config.model.model_name_or_path or config.model.model_type)
     data = config.data
     files = [data.train_file] if isinstance(data.train_file, str) else data.train_file
@@ -186,7 +186,8 @@ def untrained_scores(config: RunConfig, probe: dict) -> dict | None:
 
 
 def sts_test_scores(model: Path, tasks: list) -> dict:
-    """STS ``tasks`` of a text ``model`` folder, as ``evaluate_sts.py`` scores them (untruncated)."""
+    """STS ``tasks`` of a text ``model`` folder, untruncated (the model's longest input, at most 512 tokens, as
+    SimCSE evaluates); ``evaluate_sts.py`` truncates at the model's own ``max_seq_length`` unless given one."""
     from .evaluation.sts import evaluate_sts
     from .models.text import SentenceEncoder
 

@@ -8,7 +8,9 @@
 ``sqrt``   ``lr · √B``             FlatCLR's choice for small batches (``lr = 0.075`` → 1.2 at 256)
 =========  ======================  ============================================================================
 
-``B`` is the batch one optimizer step averages over: per-device batch × processes × accumulation steps.
+``B`` is the batch one optimizer step averages over: per-device batch × processes × accumulation steps. This is the
+only rule: ``scripts/compare_losses.py`` expresses its sweeps through it (:func:`configured_learning_rate`), and
+the model card names it (:func:`describe_learning_rate`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from torch import Tensor
 from .config import TrainerArguments
 
 MOMENTUM = 0.9  # SimCLR, FlatCLR and MoCo all use 0.9 for SGD and LARS
+OPTIMIZERS = ("adamw", "sgd", "lars")
+LR_SCALINGS = {"none": "lr", "linear": "lr · B / 256", "sqrt": "lr · √B"}  # the table above
 
 
 def scaled_learning_rate(base_lr: float, global_batch: int, scaling: str) -> float:
@@ -31,7 +35,20 @@ def scaled_learning_rate(base_lr: float, global_batch: int, scaling: str) -> flo
         return base_lr * global_batch / 256
     if scaling == "sqrt":
         return base_lr * math.sqrt(global_batch)
-    raise ValueError(f"lr_scaling must be none, linear or sqrt, got {scaling!r}")
+    raise ValueError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
+
+
+def configured_learning_rate(learning_rate: float, global_batch: int, scaling: str) -> float:
+    """The ``learning_rate`` to configure so that ``scaling`` gives ``learning_rate`` at ``global_batch``: the
+    inverse of :func:`scaled_learning_rate`."""
+    return learning_rate / scaled_learning_rate(1.0, global_batch, scaling)
+
+
+def describe_learning_rate(config: dict) -> str:
+    """The learning rate as a model card gives it: the configured value and the rule that scaled it."""
+    scaling = config.get("lr_scaling") or "none"
+    rule = "" if scaling == "none" else f" with lr_scaling {scaling}: {LR_SCALINGS.get(scaling, '?')}, B examples a step"
+    return f"{config.get('learning_rate')}{rule}"
 
 
 def build_optimizer(
@@ -47,7 +64,7 @@ def build_optimizer(
         return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM)
     if args.optim == "lars":
         return LARS(groups, lr=lr, momentum=MOMENTUM)
-    raise ValueError(f"optim must be adamw, sgd or lars, got {args.optim!r}")
+    raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {args.optim!r}")
 
 
 class LARS(torch.optim.Optimizer):

@@ -4,7 +4,10 @@
   ``logs/`` and ``config.yaml`` hold that run only. :func:`preflight_output_dir` checks it can be written (and has
   room for a checkpoint) before anything heavy loads; :class:`RunLock` keeps a second job out while one runs;
   :func:`check_earlier_run` refuses to start over an earlier run unless told to; :func:`start_run_folder` clears
-  what the trainer itself wrote and a kill left behind.
+  what the trainer itself wrote and a kill left behind. What is ours is vouched for, never guessed from a name: a
+  checkpoint by its ``manifest.json``, ``best/`` and ``final/`` by their ``simcse_flat.json``, the plain files and
+  ``logs/`` by the run folder's ``.simcse_flat_run.json`` (written before any of them). A folder holding anything
+  under those names that nothing vouches for (a transformers Trainer's ``checkpoint-500/``) is refused untouched.
 * An **exported model folder** is written whole by :func:`write_folder_atomically`: into a hidden sibling, then
   renamed into place, with ``simcse_flat.json`` listing every file it wrote. A destination that holds anything
   else is refused untouched; an earlier export of ours is replaced only when asked (``overwrite``).
@@ -29,10 +32,12 @@ LOCK_FILE = ".simcse_flat.lock"
 RUN_OUTPUTS = (LEGACY_CHECKPOINT_DIR, LOG_FILE, "best", "final", "logs", "config.yaml")  # what the trainer writes
 RESULTS = (LEGACY_CHECKPOINT_DIR, "best", "final")  # what a user would lose: a run that has none of these left nothing
 EXPORT_MARKER = "simcse_flat.json"  # in every exported folder; its "files" lists what we wrote there
+RUN_MARKER = ".simcse_flat_run.json"  # in a run folder; its "files" lists the plain outputs (RUN_FILES) we write
+RUN_FILES = (LOG_FILE, "logs", "config.yaml")  # vouched for by RUN_MARKER; checkpoints and exports by their own
+CHECKPOINT_MANIFEST = "manifest.json"  # in every checkpoint we write (simcse_flat.checkpoint)
 
 
-class RunFolderError(ValueError):
-    """An output folder that cannot be used as asked; the message names it and says what to do."""
+from .errors import RunFolderError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 # ---- the run folder -----------------------------------------------------------------------------------------------
@@ -137,6 +142,8 @@ def check_earlier_run(output_dir: str | Path, resume_from: str | None, overwrite
     checkpoint left nothing to resume and no model (a config and perhaps a few log rows): starting over it is
     allowed."""
     found = earlier_run(output_dir)
+    if not resume_from:
+        _refuse_foreign(output_dir, found)
     if any(name in RESULTS or CHECKPOINT_NAME.match(name) for name in found) and not resume_from and not overwrite:
         raise RunFolderError(
             f"output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with --resume_from_checkpoint "
@@ -144,19 +151,78 @@ def check_earlier_run(output_dir: str | Path, resume_from: str | None, overwrite
         )
 
 
-def start_run_folder(output_dir: str | Path, step: int) -> None:
+def start_run_folder(output_dir: str | Path, step: int, writes: tuple[str, ...] = RUN_FILES) -> None:
     """Make ``output_dir`` hold this run only (main process). A run starting at step 0 removes what an earlier one
-    left (``check_earlier_run`` allowed it); a run resumed at ``step`` drops the log rows written after its
-    checkpoint, since it logs those steps again. Either way, scratch folders a kill left are cleared."""
+    left (``check_earlier_run`` allowed it), and only what is vouched ours: anything else is refused untouched; a
+    run resumed at ``step`` drops the log rows written after its checkpoint, since it logs those steps again. Either
+    way, scratch folders a kill left are cleared, and ``.simcse_flat_run.json`` lists ``writes``, the plain outputs
+    this run will write (with those of the run it continues), before it writes any."""
     output_dir = Path(output_dir)
     _clear_scratch(output_dir)
+    claimed: set[str] = set()
     if step == 0:
-        for name in earlier_run(output_dir):
+        found = earlier_run(output_dir)
+        _refuse_foreign(output_dir, found)
+        for name in found:
             _remove(output_dir / name)
-    elif (output_dir / LOG_FILE).exists():
-        kept = "".join(json.dumps(row) + "\n" for row in read_log(output_dir) if row["step"] <= step)
-        write_text_atomically(output_dir / LOG_FILE, kept)
+    else:
+        claimed = set(_run_files(output_dir))
+        if (output_dir / LOG_FILE).exists():
+            kept = "".join(json.dumps(row) + "\n" for row in read_log(output_dir) if row["step"] <= step)
+            write_text_atomically(output_dir / LOG_FILE, kept)
     output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(output_dir / RUN_MARKER, json.dumps({"files": sorted(claimed | set(writes))}) + "\n")
+
+
+def foreign_outputs(output_dir: str | Path, found: list[str] | None = None) -> list[str]:
+    """The entries of ``output_dir`` under a name the trainer writes that nothing vouches ours (see the module's
+    docstring), each with why: what ``overwrite_output_dir`` must not delete."""
+    folder = Path(output_dir)
+    found = earlier_run(folder) if found is None else found
+    claimed = set(_run_files(folder))
+    foreign = []
+    for name in found:
+        path = folder / name
+        if name in RUN_FILES:
+            if name not in claimed:
+                foreign.append(f"{name} (not listed in {RUN_MARKER})")
+        elif CHECKPOINT_NAME.match(name) or name == LEGACY_CHECKPOINT_DIR:
+            inside = [path] if name != LEGACY_CHECKPOINT_DIR else sorted(path.iterdir()) if path.is_dir() else [path]
+            strangers = [p for p in inside if not _our_checkpoint(p)]
+            if strangers:
+                shown = name if name != LEGACY_CHECKPOINT_DIR else f"{name}/{strangers[0].name}"
+                foreign.append(f"{shown} (no {CHECKPOINT_MANIFEST} of simcse_flat)")
+        elif path.is_symlink() or not path.is_dir():
+            foreign.append(f"{name} (not a folder of ours)")
+        else:  # best/, final/: an export, every file listed in its simcse_flat.json
+            ours = set(_exported_files(path))
+            if any(str(p.relative_to(path)) not in ours for p in path.rglob("*") if not p.is_dir()):
+                foreign.append(f"{name} (files not listed in its {EXPORT_MARKER})")
+    return foreign
+
+
+def _refuse_foreign(output_dir: str | Path, found: list[str]) -> None:
+    foreign = foreign_outputs(output_dir, found)
+    if foreign:
+        raise RunFolderError(
+            f"output_dir {output_dir} holds {', '.join(foreign)}, which simcse_flat did not write; nothing was "
+            "deleted: move it away or choose another output_dir"
+        )
+
+
+def _our_checkpoint(path: Path) -> bool:
+    """A checkpoint we sealed (its manifest), or the scratch folder of one a kill interrupted (``.tmp``)."""
+    if path.is_symlink() or not path.is_dir() or not CHECKPOINT_NAME.match(path.name):
+        return False
+    return path.name.endswith(".tmp") or (path / CHECKPOINT_MANIFEST).is_file()
+
+
+def _run_files(output_dir: Path) -> list[str]:
+    try:
+        files = json.loads((Path(output_dir) / RUN_MARKER).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name in files if name in RUN_FILES] if isinstance(files, list) else []
 
 
 def read_log(output_dir: str | Path) -> list[dict]:

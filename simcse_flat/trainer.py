@@ -39,10 +39,10 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .cli import USER_ERRORS, TrainingDiverged
 from .config import RunConfig
 from .data.batching import SourceBatchSampler
 from .data.text import DataError
+from .errors import USER_ERRORS, TrainingDiverged
 from .export import RunSummary, hub_id_of, portable_config
 from .grad_cache import GradCache
 from .losses import build_loss_from_settings
@@ -50,6 +50,7 @@ from .modalities import build_parts, expected_weights_bytes
 from .optim import build_optimizer
 from .run_folder import (
     LOG_FILE,
+    RUN_FILES,
     RunLock,
     check_earlier_run,
     preflight_output_dir,
@@ -68,7 +69,10 @@ class TrainResult:
 
 
 def train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
-    """Train as ``config`` says; returns where the final model is and the logged history."""
+    """Train as ``config`` says (what ``train.py`` runs); returns where the final model is and the logged history.
+
+    ``evaluator`` (``model -> results``, with ``primary_metric`` naming the headline) replaces the modality's own
+    (STS for text, kNN accuracy for vision), which runs when ``eval_steps`` asks for one."""
     lock = RunLock(config.training.output_dir)  # held while the run lives, released (its file deleted) however it ends
     created = not Path(config.training.output_dir).exists()
     try:
@@ -148,7 +152,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                 accelerator.print(f"warning: resumed with a setting changed since that checkpoint: {change}")
     config_yaml = _config_yaml(config)
     if accelerator.is_main_process:
-        start_run_folder(output_dir, state.step)
+        # what this run will write besides checkpoints and exports: logs/ only with a tracker
+        start_run_folder(output_dir, state.step, tuple(n for n in RUN_FILES if n != "logs" or args.report_to != "none"))
         write_text_atomically(output_dir / "config.yaml", config_yaml)
     accelerator.wait_for_everyone()  # no process logs into the folder before it is this run's
     if args.report_to != "none":
@@ -161,7 +166,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     history: list[dict[str, float]] = []
-    running: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}  # the window's sums since the last logged row, on the device
+    window_batches = 0  # micro-batches in those sums
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     cache = None
     if args.grad_cache_chunk_size:  # the whole batch's negatives, one chunk's activations
@@ -169,6 +175,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     encode = cache.encode if cache is not None else lambda inputs: encoder(**inputs)
     encode_samples = parts.sample_encoder(encode, accelerator.device)  # samples outside the batch, for a loss that asks
     evaluating = evaluator is not None and args.eval_steps > 0
+    finite = _Finiteness(accelerator.device)
 
     def export_best(model, results: dict) -> None:  # best/: the weights and the card of its own evaluation
         parts.export(model, output_dir / "best", overwrite=True, summary=_run_summary(config, loss_fn, state.step, results))
@@ -176,6 +183,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     last_eval: dict | None = None
     if evaluating and state.step == 0:  # the starting point, for the before/after line; never "best"
         last_eval = _evaluate(accelerator, encoder, evaluator, None, state, output_dir, history)
+    elif evaluating:  # resumed: the evaluation of the checkpoint's weights, for final/'s card if no step follows
+        last_eval = _recorded_evaluation(output_dir, state.step)
     baseline = last_eval
     window_start, window_step = time.perf_counter(), state.step  # wall time per step since the last log
     encoder.train()
@@ -195,18 +204,21 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                     loss_fn, embeddings, sample_ids, parts.symmetric, encode_samples, parts.negatives,
                     keys if config.loss.mask_duplicates else None,
                 )
-                _stop_if_not_finite(accelerator, "loss", loss.detach(), state, output_dir)
+                finite.note("loss", loss.detach())  # on the device: read once a step, below
                 accelerator.backward(loss)
                 if cache is not None:  # the loss's gradient stopped at the cached embeddings; on into the encoder
                     cache.backward()
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(encoder.parameters(), args.max_grad_norm)
                     if accelerator.mixed_precision != "fp16":  # fp16's scaler skips such a step by design
-                        _stop_if_not_finite(accelerator, "gradient norm", norm, state, output_dir)
+                        finite.note("gradient norm", norm)
+                if accelerator.sync_gradients:  # before the weights change: one reduce and one read a step
+                    finite.stop_if_not(accelerator, state, output_dir)
                 optimizer.step()  # accelerate makes these no-ops until the last micro-batch of the step
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
-            _accumulate(running, {"loss": loss.detach(), **metrics}, args.gradient_accumulation_steps)
+            _accumulate(running, {"loss": loss.detach(), **metrics})
+            window_batches += 1
             if not accelerator.sync_gradients:
                 continue
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
@@ -215,13 +227,17 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
             progress.update(1)
 
             if state.step % args.logging_steps == 0 or state.step == total_steps:
-                row = {**_reduce(accelerator, running), "lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
+                # the mean over every micro-batch of the window since the last row (transformers' Trainer
+                # averages the window too); a step the epoch's end cut short counts its micro-batches only
+                means = _reduce(accelerator, running, window_batches)
+                row = {**means, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
                 now = time.perf_counter()
                 row["seconds_per_step"] = (now - window_start) / (state.step - window_step)
                 window_start, window_step = now, state.step
                 _log(accelerator, output_dir, history, {"step": state.step, **row})
                 progress.set_postfix(loss=f"{row['loss']:.4g}", infonce=f"{row['infonce']:.3g}")
-            running.clear()
+                running.clear()
+                window_batches = 0
             if evaluating and (state.step % args.eval_steps == 0 or state.step == total_steps):
                 last_eval = _evaluate(accelerator, encoder, evaluator, export_best, state, output_dir, history)
             if args.save_steps > 0 and state.step % args.save_steps == 0:
@@ -287,21 +303,38 @@ def _checkpoint_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module) -> int:
     return int(1.25 * (3 * weights + state))
 
 
-def _stop_if_not_finite(
-    accelerator: Accelerator, what: str, value: torch.Tensor, state: TrainState, output_dir: Path
-) -> None:
-    """Stop the run, on every process at once, before a NaN or infinity reaches the weights or a checkpoint."""
-    bad = torch.logical_not(torch.isfinite(value.detach().float())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if float(bad) == 0:
-        return
-    checkpoints = list_checkpoints(output_dir, only_ours=True)
-    kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-    raise TrainingDiverged(
-        f"the {what} became {float(value):g} at step {state.step + 1}; stopped before updating the weights ({kept}). "
-        "Lower learning_rate, raise temperature, or check the data."
-    )
+class _Finiteness:
+    """Whether a NaN or infinity appeared in this step's losses or gradient norm, kept on the device: each
+    micro-batch adds to it without a host synchronisation, and :meth:`stop_if_not` reads it once a step, before the
+    optimizer step, so the run stops, on every process at once, before it reaches the weights or a checkpoint."""
+
+    WHAT = ("loss", "gradient norm")
+
+    def __init__(self, device: torch.device) -> None:
+        self.count = torch.zeros(len(self.WHAT), device=device)  # non-finite values this step, by kind
+        self.first = torch.zeros(len(self.WHAT), device=device)  # the first of them, for the message
+
+    def note(self, what: str, value: torch.Tensor) -> None:
+        slot, value = self.WHAT.index(what), value.detach().float().reshape(())
+        bad = torch.logical_not(torch.isfinite(value))
+        self.first[slot] = torch.where(bad & (self.count[slot] == 0), value, self.first[slot])
+        self.count[slot] += bad.float()
+
+    def stop_if_not(self, accelerator: Accelerator, state: TrainState, output_dir: Path) -> None:
+        everywhere = accelerator.reduce(self.count, reduction="sum") if accelerator.num_processes > 1 else self.count
+        counts, local, first = everywhere.tolist(), self.count.tolist(), self.first.tolist()  # the step's one read
+        self.count.zero_()
+        self.first.zero_()
+        if not any(counts):
+            return
+        slot = 0 if counts[0] else 1
+        value = f"{first[slot]:g}" if local[slot] else "non-finite on another process"
+        checkpoints = list_checkpoints(output_dir, only_ours=True)
+        kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"the {self.WHAT[slot]} became {value} at step {state.step + 1}; stopped before updating the weights "
+            f"({kept}). Lower learning_rate, raise temperature, or check the data."
+        )
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -322,15 +355,18 @@ def _tracker_config(config: RunConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
 
 
-def _accumulate(running: dict[str, float], metrics: dict, accumulation: int) -> None:
+def _accumulate(running: dict[str, torch.Tensor], metrics: dict) -> None:
+    """Add one micro-batch's metrics to the window's sums, on the device: no host synchronisation here."""
     for key, value in metrics.items():
-        running[key] = running.get(key, 0.0) + float(value) / accumulation
+        value = torch.as_tensor(value).detach().float()
+        running[key] = running[key] + value if key in running else value
 
 
-def _reduce(accelerator: Accelerator, running: dict[str, float]) -> dict[str, float]:
-    """Mean of the step's metrics over processes (one all-reduce for all of them)."""
+def _reduce(accelerator: Accelerator, running: dict[str, torch.Tensor], batches: int) -> dict[str, float]:
+    """The window's mean of every metric over its ``batches`` micro-batches and over the processes (one
+    all-reduce for all of them, and the one read on the host)."""
     keys = sorted(running)
-    values = torch.tensor([running[k] for k in keys], device=accelerator.device)
+    values = torch.stack([running[k].to(accelerator.device).reshape(()) for k in keys]) / max(batches, 1)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(keys, values.tolist()))
 
@@ -369,6 +405,19 @@ def _evaluate(accelerator, encoder, evaluator, export_best, state: TrainState, o
     return results
 
 
+def _recorded_evaluation(output_dir: Path, step: int) -> dict | None:
+    """The results of the evaluation at ``step``, as an export of that step recorded them (``final/`` or ``best/``,
+    their ``eval_results.json``), or ``None``: what a resumed run that trains no further step puts on its card."""
+    for folder in ("final", "best"):
+        try:
+            recorded = json.loads((output_dir / folder / "eval_results.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(recorded, dict) and recorded.get("step") == step and "primary_metric" in recorded:
+            return {k: v for k, v in recorded.items() if k != "step"}
+    return None
+
+
 def _print_before_after(accelerator, baseline: dict | None, state: TrainState) -> None:
     before = baseline[baseline["primary_metric"]] if baseline else None
     start = f"{before:.2f} before training -> " if before is not None else ""
@@ -380,8 +429,3 @@ def _run_summary(config: RunConfig, loss_fn, steps: int, results: dict | None) -
     return RunSummary(portable_config(config.to_dict()), loss_fn.get_config_dict(), loss_fn.citation, steps, results,
                       split=config.training.eval_split, base_model=hub_id_of(config.model.model_name_or_path))  # fmt: skip
 
-
-def train_from_config(config: RunConfig) -> TrainResult:
-    """What ``train.py`` runs: ``train`` with the modality's evaluator when ``eval_steps`` asks for one (STS for
-    text, kNN accuracy for vision)."""
-    return train(config)

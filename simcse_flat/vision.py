@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 
 from .config import ConfigError, RunConfig, VisionArguments, check_choice
+from .config_checks import check_range
 from .data.vision import (
     DATASETS,
     MultiViewDataset,
@@ -31,11 +32,11 @@ from .data.vision import (
     subset,
 )
 from .distributed import world_size
+from .errors import ModelLoadError
 from .evaluation.linear_probe import extract_features, finetune_accuracy, knn_accuracy, probe_scores
 from .export import RunSummary
 from .modalities import TrainingParts
-from .models.text import ModelLoadError
-from .models.vision import ARCHS, CONFIG_FILE, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
+from .models.vision import ARCHS, CONFIG_FILE, NORM_LAYERS, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
 from .run_folder import add_files_to_export
 
 TRANSFER_MODES = ("linear_eval", "finetune")
@@ -46,8 +47,14 @@ def check_vision_settings(config: RunConfig) -> None:
     vision = config.vision
     check_choice("vision_dataset", vision.vision_dataset, tuple(DATASETS))
     check_choice("arch", vision.arch, ARCHS)
-    if not 0 < vision.min_crop_scale <= 1:
-        raise ConfigError(f"min_crop_scale must be in (0, 1], got {vision.min_crop_scale}")
+    check_choice("norm_layer", vision.norm_layer, NORM_LAYERS)
+    check_range("min_crop_scale", vision.min_crop_scale, low=0.0, high=1.0)
+    check_range("color_jitter_strength", vision.color_jitter_strength, low=0.0, inclusive=True)
+    sizes = {"image_size": vision.image_size, "projection_dim": vision.projection_dim,
+             "projection_hidden_dim": vision.projection_hidden_dim}  # fmt: skip
+    for key, value in sizes.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
     if config.training.grad_cache_chunk_size and vision.norm_layer == "batch":
         raise ConfigError(
             "grad_cache_chunk_size needs an encoder whose rows do not mix: batch norm would see chunk statistics "
@@ -117,7 +124,7 @@ def vision_model_card(summary: RunSummary) -> str:
     results = summary.results or {}
     rows = [f"| encoder | `{config.get('arch')}` (CIFAR stem: {config.get('cifar_stem')}), random init |",
             f"| image size | {config.get('image_size')} |",
-            f"| optimizer | `{config.get('optim')}` (lr scaling: {config.get('lr_scaling')}) |",
+            f"| optimizer | `{config.get('optim')}` |",
             f"| training data | `{config.get('vision_dataset')}` |"]  # fmt: skip
     body = [f"# {Path(config.get('output_dir', 'model')).name} (simcse_flat)", "",
             f"An image-embedding model trained with simcse_flat using the **{loss}** contrastive loss.", "",
@@ -146,7 +153,7 @@ def linear_probe_scores(config: RunConfig, model: Path | None, max_train: int, m
 
 def load_encoder(path: str | Path, random_init: bool = False) -> VisionEncoder:
     """A trained encoder from a model folder (``final/``, ``best/``: ``vision_config.json`` + weights) or a training
-    checkpoint (``checkpoint-N``: accelerate's ``model.safetensors`` + the run's ``config.yaml``).
+    checkpoint (``checkpoint-N``: simcse_flat's ``model.safetensors`` + the run's ``config.yaml``).
 
     ``random_init`` builds the same architecture with fresh weights: the baseline a trained encoder must beat.
     """

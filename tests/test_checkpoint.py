@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from simcse_flat.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
-from simcse_flat.cli import TrainingDiverged
+from simcse_flat.errors import TrainingDiverged
 from simcse_flat.trainer import train
 
 from test_trainer import _config, _losses
@@ -168,7 +168,10 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_on_one_without_saying_so(f
     assert find_checkpoint(str(checkpoint), run, num_processes=2, ignore_rng_state=True)[0] == checkpoint
 
 
-def test_a_nan_loss_stops_the_run_before_it_reaches_the_weights(tiny_bert, tmp_path, monkeypatch):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_nan_loss_stops_the_run_before_it_reaches_the_weights(tiny_bert, tmp_path, monkeypatch, accumulation):
+    """The third loss call turns NaN: step 3, or with two micro-batches a step the first of step 2, whose second
+    micro-batch is finite; the step's check (one read, before the optimizer step) stops the run either way."""
     import simcse_flat.trainer as trainer
 
     calls = []
@@ -180,13 +183,15 @@ def test_a_nan_loss_stops_the_run_before_it_reaches_the_weights(tiny_bert, tmp_p
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
 
     monkeypatch.setattr(trainer, "contrastive_loss_on_views", turns_nan_at_step_3)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3.*checkpoint-2"):
-        train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", "2"))
+    step, kept = (3, "checkpoint-2") if accumulation == 1 else (2, "checkpoint-1")
+    with pytest.raises(TrainingDiverged, match=rf"loss became nan at step {step}.*{kept}"):
+        train(_config(tiny_bert, tmp_path, "--max_steps", "6", "--save_steps", str(step - 1),
+                      "--gradient_accumulation_steps", str(accumulation)))  # fmt: skip
     run = tmp_path / "run"
-    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"] and not (run / "final").exists()
+    assert [p.name for p in list_checkpoints(run)] == [kept] and not (run / "final").exists()
     from safetensors.torch import load_file
 
-    weights = load_file(run / "checkpoint-2" / "model.safetensors")
+    weights = load_file(run / kept / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 

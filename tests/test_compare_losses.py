@@ -66,3 +66,29 @@ def test_text_rows_match_evaluate_sts_and_a_rerun_reads_finished_runs_back(tiny_
     log = read_log(tmp_path / "c" / "flatnce")
     (again,) = script.main(argv)
     assert again == row and read_log(tmp_path / "c" / "flatnce") == log
+
+
+@pytest.mark.parametrize("config_scaling", ["sqrt", "none"])
+def test_a_sweep_scales_the_learning_rate_once_by_the_trainers_rule(tiny_bert, tmp_path, config_scaling):
+    """--lr_scaling sqrt from the rate at --base_batch_size 4: batch 16 trains at twice batch 4's rate, whether the
+    config sets lr_scaling itself (it was scaled twice) or not."""
+    import yaml
+
+    from simcse_flat.optim import scaled_learning_rate
+
+    script = load_script("compare_losses")
+    sentences = tmp_path / "train.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i : i + 5]) for i in range(0, 60, 3)) + "\n")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_bert}\npooler: mean\ntrain_file: {sentences}\nper_device_train_batch_size: 4\n"
+        f"learning_rate: 1.0e-3\nlr_scaling: {config_scaling}\nmax_steps: 1\nsave_steps: 0\nseed: 5\n"
+    )
+    trained_at = {}
+    for batch in (4, 16):  # one command a batch size: no plot (these runs do not evaluate)
+        script.main(["--config", str(config), "--losses", "infonce", "--output_dir", str(tmp_path / "c"),
+                     "--batch_sizes", str(batch), "--lr_scaling", "sqrt", "--base_batch_size", "4"])  # fmt: skip
+        run = yaml.safe_load((tmp_path / "c" / f"infonce_b{batch}" / "config.yaml").read_text())
+        trained_at[batch] = scaled_learning_rate(run["learning_rate"], batch, run["lr_scaling"])  # the one rule
+    at_base = 1e-3 * (2.0 if config_scaling == "sqrt" else 1.0)  # the config's own rate at batch 4: 1e-3 · √4
+    assert trained_at[4] == pytest.approx(at_base) and trained_at[16] == pytest.approx(2 * at_base)

@@ -62,6 +62,16 @@ def test_unknown_flag_names_closest():
         (["--max_seq_length", "0"], "max_seq_length must be >= 1"),
         (["--max_train_samples", "1"], "max_train_samples must be >= 2"),
         (["--lr_scheduler_type", "cosine_warmup"], "lr_scheduler_type must be one of"),
+        (["--negatives", "all"], "negatives must be one of cross_view, all_views"),
+        (["--emc2_kernel", "scan"], "emc2_kernel must be one of paper, official_scan"),
+        (["--dataset_sampling", "roundrobin"], "did you mean 'round_robin'"),
+        # vision's own settings, checked with modality vision: these four parsed before
+        (["--modality", "vision", "--norm_layer", "gruop"], "norm_layer must be one of batch, group, none, got 'gruop'"),
+        (["--modality", "vision", "--image_size", "0"], "image_size must be >= 1, got 0"),
+        (["--modality", "vision", "--projection_dim=-3"], "projection_dim must be >= 1, got -3"),
+        (["--modality", "vision", "--projection_hidden_dim", "0"], "projection_hidden_dim must be >= 1, got 0"),
+        (["--modality", "vision", "--color_jitter_strength", "nan"], "color_jitter_strength must be >= 0, got nan"),
+        (["--modality", "vision", "--min_crop_scale", "nan"], "min_crop_scale must be > 0 and <= 1, got nan"),
     ],
 )
 def test_bad_values_are_rejected_before_loading_anything(argv, message):
@@ -140,3 +150,17 @@ def test_help_groups_the_flags_by_what_they_configure_and_lists_each_once(capsys
     assert "--learning-rate" not in text and "LEARNING_RATE" not in text
     config = parse_config(["--learning-rate", "1e-4", "--no_mask_duplicates", "--resume_from", "latest"])
     assert (config.training.learning_rate, config.loss.mask_duplicates) == (1e-4, False)  # still accepted
+
+def test_the_choices_are_the_modules_own_tuples(monkeypatch):
+    """A choice a module adds is accepted by the checks at once: they read the module's tuple, not a copy."""
+    import simcse_flat.data.batching as batching
+    import simcse_flat.losses.emc2 as emc2
+    import simcse_flat.optim as optim
+    import simcse_flat.views as views
+
+    for module, name, key in ((views, "NEGATIVES", "negatives"), (emc2, "KERNELS", "emc2_kernel"),
+                              (batching, "SAMPLINGS", "dataset_sampling"), (optim, "OPTIMIZERS", "optim")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"{key} must be one of"):
+            parse_config([f"--{key}", "brand_new"])
+        monkeypatch.setattr(module, name, (*getattr(module, name), "brand_new"))
+        parse_config([f"--{key}", "brand_new"])

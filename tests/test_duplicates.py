@@ -104,3 +104,50 @@ def test_an_emc2_chain_never_holds_a_duplicate_of_its_anchor(kernel):
 
     assert not held(mask=True) & {(0, 6), (6, 0)}
     assert held(mask=False) & {(0, 6), (6, 0)}  # without the mask the chains do find the copy
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "flatnce", "dcl", "sogclr"])
+def test_a_row_with_no_negative_left_is_left_out_of_the_step_and_counted(loss_name):
+    # row 0's other candidates are both its duplicates: it has nothing to contrast with
+    generator = torch.Generator().manual_seed(0)
+    anchors = torch.randn(3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[False, True, True], [False, False, False], [False, False, False]])
+    kwargs = {"dataset_size": 3} if loss_name == "sogclr" else {}
+    loss_fn = build_loss(loss_name, temperature=TAU, **kwargs)
+    loss, metrics = loss_fn(anchors, candidates, torch.arange(3), anchor_ids=torch.arange(3), duplicate_mask=mask)
+
+    # by hand, over rows 1 and 2 only: s_ij = cos / τ
+    s = F.normalize(anchors.detach(), dim=-1) @ F.normalize(candidates.detach(), dim=-1).T / TAU
+    rows = []
+    for i in (1, 2):
+        others = torch.stack([s[i, j] for j in range(3) if j != i])
+        flat = torch.logsumexp(others, 0) - s[i, i]
+        rows.append({"infonce": torch.logsumexp(s[i], 0) - s[i, i], "flatnce": flat, "dcl": flat,
+                     "sogclr": flat - torch.log(torch.tensor(2.0, dtype=torch.float64))}[loss_name])  # fmt: skip
+    assert loss.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+    assert metrics["rows_without_negatives"].item() == pytest.approx(1 / 3)
+    assert metrics["infonce"].item() == pytest.approx(
+        torch.stack([torch.logsumexp(s[i], 0) - s[i, i] for i in (1, 2)]).mean().item(), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(anchors.grad).all() and torch.isfinite(candidates.grad).all()
+    assert anchors.grad[0].abs().max() == 0  # the row left out pulls and pushes nothing
+    if loss_name == "sogclr":
+        assert torch.isneginf(loss_fn.log_u[0]) and torch.isfinite(loss_fn.log_u[1:]).all()  # no estimate stored
+
+
+def test_a_batch_of_copies_trains_on_instead_of_diverging(tiny_bert, tmp_path):
+    from simcse_flat.run_folder import read_log
+    from simcse_flat.trainer import train
+
+    from test_trainer import _config
+
+    corpus = tmp_path / "copies.txt"  # two sentences, eight copies each: a batch of 2 is often one sentence twice
+    corpus.write_text("a man is playing a guitar\n" * 8 + "two dogs run in the park\n" * 8)
+    for loss_name in ("flatnce", "sogclr"):
+        config = _config(tiny_bert, tmp_path / loss_name, "--train_file", str(corpus), "--loss", loss_name,
+                         "--per_device_train_batch_size", "2", "--max_steps", "6", "--save_steps", "0")  # fmt: skip
+        result = train(config)
+        rows = [row for row in read_log(result.output_dir) if "loss" in row]
+        assert result.state.step == 6 and all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+        assert any(row["rows_without_negatives"] > 0 for row in rows), loss_name

@@ -380,12 +380,17 @@ def _global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _train(model: nn.Module, loss_fn, part: slice) -> list[torch.Tensor]:
+def _train(model: nn.Module, loss_fn, part: slice, used: list | None = None) -> list[torch.Tensor]:
+    """The gradients of every step (the model is not stepped); ``used``, if given, receives EMC²'s anchors used."""
+    grads = []
     for inputs, ids in _global_batches():
         model.zero_grad()
-        loss, _ = contrastive_loss_on_views(loss_fn, model(inputs[:, part].reshape(-1, DIM)), ids[part])
+        loss, metrics = contrastive_loss_on_views(loss_fn, model(inputs[:, part].reshape(-1, DIM)), ids[part])
         loss.backward()
-    return [p.grad.clone() for p in model.parameters()]
+        grads += [p.grad.clone() for p in model.parameters()]
+        if used is not None:
+            used.append(round(metrics["emc2_used"].item() * 2 * len(ids[part])))  # both directions' anchors
+    return grads
 
 
 def _worker(rank: int, init_method: str, out: str) -> None:
@@ -395,8 +400,9 @@ def _worker(rank: int, init_method: str, out: str) -> None:
         results = {}
         for name in STATEFUL:
             loss_fn = build_loss(name, dataset_size=SAMPLES, temperature=TAU, rank=rank, world_size=WORLD)
-            grads = _train(nn.parallel.DistributedDataParallel(_encoder()), loss_fn, mine)
-            results[name] = {"grads": grads, "state": loss_fn.state_dict()}
+            used = [] if name == "emc2" else None
+            grads = _train(nn.parallel.DistributedDataParallel(_encoder()), loss_fn, mine, used)
+            results[name] = {"grads": grads, "state": loss_fn.state_dict(), "used": torch.tensor(used or [])}
         torch.save(results, f"{out}.{rank}")
         dist.barrier()
     finally:
@@ -420,3 +426,37 @@ def test_two_gloo_processes_hold_one_state_and_match_one_process(tmp_path):
                     torch.testing.assert_close(r[name]["state"][key], value, rtol=1e-5, atol=1e-5)
         for got, expected in zip(ranks[0][name]["grads"], single_grads):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # EMC² without chain negatives uses only the anchors whose chain is in the batch: at a step compared above the
+    # processes used different numbers of anchors, and the mean over all of them still gave the one-process gradient
+    assert (ranks[0]["emc2"]["used"] != ranks[1]["emc2"]["used"]).any()
+
+
+def test_hard_negative_weight_biases_the_reported_metrics_only_not_the_chains_or_the_estimate():
+    """SimCSE's weight is a logit bias of its softmax; EMC²'s target p_i is the unbiased global softmax, so the MH
+    scores, the chains and the estimate must not see it (the docstring's promise); the shared metrics do."""
+    m = 6
+    generator = torch.Generator().manual_seed(0)
+    anchors, positives, hard = (torch.randn(m, 4, generator=generator) for _ in range(3))
+    ids = torch.arange(m)
+
+    def run(weight: float):
+        loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, hard_negative_weight=weight, seed=2)
+        steps = []
+        for _ in range(3):
+            encode = lambda states: torch.cat([positives, hard])[states]  # noqa: E731 - state m + j: hard negative j
+            steps.append(contrastive_loss_on_views(loss_fn, torch.cat([anchors, positives, hard]), ids,
+                                                   encode_samples=encode))  # fmt: skip
+        return loss_fn, steps
+
+    plain, plain_steps = run(0.0)
+    weighted, weighted_steps = run(5.0)
+    for (loss0, _), (loss5, _) in zip(plain_steps, weighted_steps):
+        assert loss5.item() == pytest.approx(loss0.item(), rel=1e-6)
+    assert torch.equal(plain.sampler.negative_ids, weighted.sampler.negative_ids)
+    torch.testing.assert_close(plain.sampler.log_scores, weighted.sampler.log_scores)
+    # the metrics: InfoNCE of the biased logits, by hand (s = cos / τ, +5 on each anchor's own hard negative)
+    s = F.normalize(anchors, dim=-1) @ F.normalize(torch.cat([positives, hard]), dim=-1).T / TAU
+    s[ids, m + ids] += 5.0
+    expected = (torch.logsumexp(s, 1) - s[ids, ids]).mean()
+    assert weighted_steps[-1][1]["infonce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert plain_steps[-1][1]["infonce"].item() != pytest.approx(expected.item(), rel=1e-3)

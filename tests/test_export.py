@@ -199,3 +199,11 @@ def test_the_card_of_a_model_to_push_names_its_hub_id(evaluated_run, tmp_path):
     encoder, config = load_trained_encoder(evaluated_run.output_dir / "final")
     card = text_model_card(encoder, RunSummary(config, {"loss": "flatnce"}, steps=4), "user/my-model")
     assert 'SentenceTransformer("user/my-model")' in card and "Download from the 🤗 Hub" in card
+
+def test_the_card_names_the_learning_rate_rule():
+    from simcse_flat.export import RunSummary
+
+    for scaling, shown in (("sqrt", "| learning rate | 0.075 with lr_scaling sqrt: lr · √B, B examples a step |"),
+                           ("linear", "| learning rate | 0.075 with lr_scaling linear: lr · B / 256, B examples a step |"),
+                           ("none", "| learning rate | 0.075 |")):  # fmt: skip
+        assert shown in RunSummary({"learning_rate": 0.075, "lr_scaling": scaling}).section([]).splitlines()

@@ -156,7 +156,33 @@ def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_the_rerun
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("logging_steps: 0\n")  # what a run failing at step 1 left
     (tmp_path / "run" / "log.jsonl").write_text('{"step": 0, "eval/x": 1}\n')
+    (tmp_path / "run" / ".simcse_flat_run.json").write_text('{"files": ["config.yaml", "log.jsonl"]}\n')
     assert train(_config(tiny_bert, tmp_path, "--max_steps", "2")).state.step == 2
+
+
+def test_overwrite_output_dir_deletes_only_what_simcse_flat_wrote(trained_run, tiny_bert, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert json.loads((run / ".simcse_flat_run.json").read_text()) == {"files": ["config.yaml", "log.jsonl"]}
+    hf = run / "checkpoint-500"  # a transformers Trainer's checkpoint: no manifest.json of ours
+    hf.mkdir()
+    (hf / "trainer_state.json").write_text('{"global_step": 500}')
+    (hf / "model.safetensors").write_bytes(b"weights of a week")
+    (run / "logs" / "hf_run").mkdir(parents=True)  # not claimed: this run logged to no tracker
+    (run / "logs" / "hf_run" / "events.out").write_bytes(b"curves")
+    (run / "final" / "my_notes.md").write_text("mine")  # final/ now holds a file its export did not list
+    for what, clear in (("checkpoint-500 (no manifest.json of simcse_flat)", hf), ("logs (not listed in", run / "logs"),
+                        ("final (files not listed in its simcse_flat.json)", run / "final" / "my_notes.md")):  # fmt: skip
+        before = _tree(run)
+        for flags in (["--overwrite_output_dir"], []):  # refused either way, in one line, before anything is deleted
+            with pytest.raises(RunFolderError, match=r"nothing was deleted") as refusal:
+                train(_config(tiny_bert, tmp_path, "--max_steps", "2", *flags))
+            assert what in str(refusal.value) and "\n" not in str(refusal.value)
+            assert _tree(run) == before
+        shutil.rmtree(clear) if clear.is_dir() else clear.unlink()  # the user moves it away
+    again = train(_config(tiny_bert, tmp_path, "--max_steps", "1", "--save_steps", "0", "--overwrite_output_dir"))
+    assert again.state.step == 1 and sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-1"]  # fmt: skip
 
 
 def test_a_resumed_run_clears_what_a_kill_left_mid_export(trained_run, tiny_bert, tmp_path):

@@ -102,25 +102,39 @@ def test_a_run_from_scratch_starts_at_the_untrained_encoder_and_exports_a_senten
 
 
 def test_learning_rate_rules():
-    script = load_script("compare_losses")
-    assert script.scaled_lr(1e-3, 128, 32, "none") == 1e-3
-    assert script.scaled_lr(1e-3, 128, 32, "linear") == pytest.approx(4e-3)
-    assert script.scaled_lr(1e-3, 8, 32, "sqrt") == pytest.approx(5e-4)
+    """The trainer's one rule (optim.py), and its inverse, with which the sweep gives a rate at a base batch."""
+    from simcse_flat.optim import configured_learning_rate, scaled_learning_rate
+
+    assert scaled_learning_rate(1e-3, 128, "none") == 1e-3
+    assert scaled_learning_rate(0.3, 4096, "linear") == pytest.approx(4.8)  # SimCLR: 0.3 at 256
+    assert scaled_learning_rate(0.075, 256, "sqrt") == pytest.approx(1.2)  # FlatCLR: 0.075 x sqrt(256)
+    for rule, at_128 in (("none", 1e-3), ("linear", 4e-3), ("sqrt", 2e-3)):  # 1e-3 at batch 32
+        configured = configured_learning_rate(1e-3, 32, rule)
+        assert scaled_learning_rate(configured, 32, rule) == pytest.approx(1e-3)
+        assert scaled_learning_rate(configured, 128, rule) == pytest.approx(at_128)
 
 
 def test_a_data_budget_gives_every_batch_size_the_same_examples(tmp_path):
+    from simcse_flat.optim import scaled_learning_rate
+
     script = load_script("compare_losses")
     sweep = script.Sweep("c.yaml", tmp_path, [], {}, None, examples=1000, lr_scaling="sqrt", base_batch_size=16)
     flags = sweep.settings(64, 1e-3, 0.1)
     values = dict(zip(flags[::2], flags[1::2]))
     assert values["--max_steps"] == "16"  # ceil(1000 / 64): every run sees at least the budget
     assert values["--eval_steps"] == "4" and values["--save_steps"] == "8"
-    assert float(values["--learning_rate"]) == pytest.approx(2e-3) and values["--temperature"] == "0.1"
+    assert values["--temperature"] == "0.1" and values["--lr_scaling"] == "sqrt"
+
+    def trained_at(flags: list[str], batch: int) -> float:  # what the trainer's rule makes of the flags
+        values = dict(zip(flags[::2], flags[1::2]))
+        return scaled_learning_rate(float(values["--learning_rate"]), batch, values["--lr_scaling"])
+
+    assert trained_at(flags, 64) == pytest.approx(2e-3)  # 1e-3 at batch 16, x sqrt(64 / 16)
     untuned = dict(zip(*[iter(sweep.settings(8, None, None))] * 2))
     assert untuned["--max_steps"] == str(math.ceil(1000 / 8)) and "--learning_rate" not in untuned  # no base lr
     sweep.base_learning_rate = 4e-4  # the config's: scaled by the rule when no tuning gave one
-    assert float(dict(zip(*[iter(sweep.settings(64, None, None))] * 2))["--learning_rate"]) == pytest.approx(8e-4)
-    sweep.lr_scaling = "none"  # and left to the config when there is no rule
+    assert trained_at(sweep.settings(64, None, None), 64) == pytest.approx(8e-4)
+    sweep.lr_scaling = "none"  # and left to the config when its rule is the sweep's
     assert "--learning_rate" not in sweep.settings(64, None, None)
 
 

@@ -168,3 +168,59 @@ def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
     assert sorted(resumed) == sorted(whole) == list(range(1, 121))
     for step in whole:
         assert resumed[step] == pytest.approx(whole[step], abs=1e-6), step
+
+
+def test_a_logged_row_is_the_mean_over_its_window_of_steps(tiny_bert, tmp_path):
+    """logging_steps 3: the row of step 3 is the mean of steps 1-3 as logged one by one, and of each step's two
+    micro-batches (accumulation 2), as transformers' Trainer averages the window; not the last step alone."""
+    flags = ("--max_steps", "4", "--save_steps", "0", "--gradient_accumulation_steps", "2", "--loss", "flatnce",
+             "--per_device_train_batch_size", "4")  # 10 micro-batches an epoch: every step has its two
+    every = train(_config(tiny_bert, tmp_path / "every", *flags)).history
+    windows = train(_config(tiny_bert, tmp_path / "windows", *flags, "--logging_steps", "3")).history
+    assert [row["step"] for row in windows] == [3, 4]
+    for key in ("loss", "infonce", "accuracy", "positive_logit"):
+        by_step = [row[key] for row in every]
+        assert windows[0][key] == pytest.approx(sum(by_step[:3]) / 3, rel=1e-5), key
+        assert windows[1][key] == pytest.approx(by_step[3], rel=1e-5), key  # the last step: a window of one
+    assert len({round(row["loss"], 6) for row in every[:3]}) == 3  # the steps differ: the mean is not any of them
+
+
+def test_resuming_a_finished_run_keeps_the_evaluation_on_its_final_card(tiny_bert, tmp_path):
+    calls = []
+
+    def evaluator(encoder):
+        calls.append(1)
+        return {"primary_metric": "stsb_spearman", "stsb_spearman": 40.0 + len(calls), "stsb_n_pairs": 10}
+
+    flags = ("--max_steps", "2", "--save_steps", "2", "--eval_steps", "2")
+    train(_config(tiny_bert, tmp_path, *flags), evaluator)
+    final = tmp_path / "run" / "final"
+    card, results = (final / "README.md").read_text(), (final / "eval_results.json").read_text()
+    assert "| spearman_cosine | 0.42 " in card and '"stsb_spearman": 42.0' in results  # step 0, then step 2
+    again = train(_config(tiny_bert, tmp_path, *flags, "--resume_from", "latest"), evaluator)
+    assert again.state.step == 2 and len(calls) == 2  # nothing trained, nothing evaluated again
+    assert (final / "README.md").read_text() == card and (final / "eval_results.json").read_text() == results
+
+
+@pytest.mark.parametrize("optim", ["adamw", "sgd", "lars"])
+def test_weight_decay_reaches_the_weight_matrices_and_not_biases_or_norms(tiny_bert, tmp_path, optim):
+    """One step with zero gradients moves a parameter by its weight decay alone: every weight matrix of the model
+    shrinks, no bias or LayerNorm parameter moves; without weight decay nothing moves."""
+    from simcse_flat.models.text import SentenceEncoder
+    from simcse_flat.optim import build_optimizer
+    from simcse_flat.trainer import _param_groups
+
+    for decay in (0.1, 0.0):
+        args = _config(tiny_bert, tmp_path, "--optim", optim, "--weight_decay", str(decay)).training
+        model = SentenceEncoder.from_pretrained(str(tiny_bert), pooler="mean")
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer = build_optimizer(_param_groups(model, args.weight_decay), args, torch.device("cpu"), 8)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+        matrices = {name for name, p in model.named_parameters() if p.ndim >= 2}
+        assert any("LayerNorm" in name for name in before) and any(name.endswith("bias") for name in before)
+        assert moved == (matrices if decay else set()), (optim, decay)
+        for name in moved:  # shrunk toward 0, not pushed anywhere else
+            assert model.get_parameter(name).norm() < before[name].norm()

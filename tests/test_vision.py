@@ -28,7 +28,7 @@ from simcse_flat.data.vision import (  # noqa: E402
 from simcse_flat.evaluation.linear_probe import knn_accuracy, linear_probe_accuracy  # noqa: E402
 from simcse_flat.models.vision import VisionEncoder, VisionModelConfig  # noqa: E402
 from simcse_flat.optim import LARS, build_optimizer, scaled_learning_rate  # noqa: E402
-from simcse_flat.trainer import train_from_config  # noqa: E402
+from simcse_flat.trainer import train  # noqa: E402
 from simcse_flat.vision import load_encoder  # noqa: E402
 from conftest import load_script  # noqa: E402
 
@@ -225,7 +225,7 @@ def test_unknown_vision_dataset_names_the_closest():
 
 def _tiny_run(data: Path, output_dir: Path, loss: str, *extra: str):
     """Two LARS steps of a ResNet-18 at 16 px on the tiny Fashion-MNIST, checkpoint at step 2."""
-    return train_from_config(parse_config([
+    return train(parse_config([
         "--modality", "vision", "--vision_dataset", "fashion_mnist", "--data_root", str(data),
         "--image_size", "16", "--projection_dim", "16", "--loss", loss, "--temperature", "0.2",
         "--optim", "lars", "--learning_rate", "0.075", "--lr_scaling", "sqrt", "--max_grad_norm", "0",
@@ -332,3 +332,17 @@ def test_a_vision_sweep_plots_linear_probe_accuracy_against_the_batch(fake_fmnis
     assert [float(r["linear"]) for r in table] == [round(b4["linear"], 4), round(b8["linear"], 4)]
     assert {float(r["untrained"]) for r in table} == {round(untrained["linear"], 4)}  # the probe of the random init
     assert (tmp_path / "c" / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_core_raises_errors_of_its_own_and_the_vision_path_needs_no_text_libraries():
+    """The errors live in simcse_flat.errors (the trainer no longer imports the CLI for them), and the vision
+    modality imports neither sentence-transformers nor datasets to get one."""
+    import subprocess
+
+    code = ("import sys, simcse_flat.vision, simcse_flat.errors as e, simcse_flat.config as c, simcse_flat.cli as cli; "
+            "assert c.ConfigError is e.ConfigError and cli.TrainingDiverged is e.TrainingDiverged; "
+            "print(sorted(m for m in ('sentence_transformers', 'datasets', 'simcse_flat.trainer') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    trainer_source = (Path(__file__).resolve().parents[1] / "simcse_flat" / "trainer.py").read_text()
+    assert "from .cli import" not in trainer_source

@@ -20,18 +20,19 @@ import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
-from datasets import Dataset
 from torch import Tensor
+
+if TYPE_CHECKING:  # imported where a corpus is read: the vision path and the STS readers need no datasets
+    from datasets import Dataset
 
 SUP_COLUMNS = ("sent0", "sent1", "hard_neg")
 
 
-class DataError(ValueError):
-    """Bad training data; the message names the file and line."""
+from ..errors import DataError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 def read_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = "training file") -> list[str]:
@@ -181,6 +182,7 @@ def load_train_source(
 
 
 def _arrow_dataset(rows, path: Path, cache_dir: str | None) -> Dataset:
+    from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
     _check_not_empty(path, DataError, "training file")

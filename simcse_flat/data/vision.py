@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from .text import DataError
+from ..errors import DataError
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from ..data.text import DataError, read_utf8_lines
+from ..data.text import read_utf8_lines
+from ..errors import DataError
 
 TASK_NAMES = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 

@@ -33,6 +33,13 @@ process's anchors; it never asks the process group. Gathers go through :mod:`sim
 
 Every loss reports the InfoNCE value of its own logits (``infonce``) and the positive's top-1 accuracy, so
 curves from different losses can be read on one axis.
+
+**A row with no negative left** (every candidate but the positive excluded: a small batch of a corpus with many
+copies, where every other sample is a duplicate) has no contrast to learn from: FlatNCE's and DCL's
+``logsumexp`` over nothing is ``-inf`` and SogCLR's estimate NaN. Such rows are left out of the step: of the loss
+(:meth:`ContrastiveLoss.mean_over_rows`, the mean over the rows of every process that have a negative), of the
+shared metrics and of any per-sample state; ``rows_without_negatives`` reports the fraction of anchors left out.
+EMC² draws its negatives from the whole data set, so it keeps an anchor whose chain holds one (``emc2_used``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..distributed import gather_no_grad
 
 
 class ContrastiveLoss(nn.Module):
@@ -130,6 +139,13 @@ class ContrastiveLoss(nn.Module):
         metrics.update(logit_metrics(logits.detach(), positive_index))
         return loss, metrics
 
+    def mean_over_rows(self, per_row: Tensor, keep: Tensor) -> Tensor:
+        """The mean of ``per_row`` ``(B,)`` over the rows ``keep`` marks, counted over every process: this process's
+        sum times ``W`` over the kept rows of all ``W`` (DDP's average over processes then gives the one-process
+        mean; with every row kept it is the plain mean). No kept row anywhere: 0, with a gradient of zeros."""
+        kept_everywhere = gather_no_grad(keep.sum().reshape(1), self.world_size).sum().clamp(min=1)
+        return torch.where(keep, per_row, 0.0).sum() * self.world_size / kept_everywhere
+
     def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
         """The one hook between a loss and the loop, called once a step before the step's loss calls.
 
@@ -173,19 +189,39 @@ def positive_logits(logits: Tensor, positive_index: Tensor) -> Tensor:
     return logits.gather(1, positive_index[:, None]).squeeze(1)
 
 
+def negative_mask(logits: Tensor, positive_index: Tensor) -> Tensor:
+    """``(B, N)`` bool: the columns that count as a negative of each row (finite, not the positive)."""
+    return torch.isfinite(logits) & ~_one_hot_mask(logits, positive_index)
+
+
+def rows_with_negatives(logits: Tensor, positive_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Which rows have a negative left, ``(B,)`` bool, and the logits with every other row set to 0: finite, so
+    that neither the loss of such a row nor its gradient (zeros: a constant) is NaN where it is left out."""
+    keep = negative_mask(logits, positive_index).any(dim=1)
+    return keep, torch.where(keep[:, None], logits, 0.0)
+
+
 def negative_logsumexp(logits: Tensor, positive_index: Tensor) -> Tensor:
     """``logsumexp_{i != t} s_i`` for each row, stable: the positive is masked to -inf, not subtracted."""
     return torch.logsumexp(logits.masked_fill(_one_hot_mask(logits, positive_index), float("-inf")), dim=1)
 
 
 def logit_metrics(logits: Tensor, positive_index: Tensor) -> dict[str, Tensor]:
-    """What every loss logs, so runs with different losses read on one axis."""
+    """What every loss logs, so runs with different losses read on one axis: means over the rows with a negative
+    left, and the fraction of rows without one."""
+    keep, logits = rows_with_negatives(logits, positive_index)
+    count = keep.sum().clamp(min=1)
+
+    def mean(values: Tensor) -> Tensor:
+        return torch.where(keep, values.float(), 0.0).sum() / count
+
     s_pos = positive_logits(logits, positive_index)
     infonce = torch.logsumexp(logits, dim=1) - s_pos
     flatnce = negative_logsumexp(logits, positive_index) - s_pos
     return {
-        "infonce": infonce.mean(),
-        "flatnce": flatnce.mean(),
-        "accuracy": (logits.argmax(dim=1) == positive_index).float().mean(),
-        "positive_logit": s_pos.mean(),  # cos / τ of the positive pair
+        "infonce": mean(infonce),
+        "flatnce": mean(flatnce),
+        "accuracy": mean(logits.argmax(dim=1) == positive_index),
+        "positive_logit": mean(s_pos),  # cos / τ of the positive pair
+        "rows_without_negatives": 1.0 - keep.float().mean(),
     }

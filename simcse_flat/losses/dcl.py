@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import gather_with_grad
-from .base import ContrastiveLoss, negative_logsumexp, positive_logits
+from .base import ContrastiveLoss, negative_logsumexp, positive_logits, rows_with_negatives
 
 
 class DCLLoss(ContrastiveLoss):
@@ -77,11 +77,12 @@ class DCLLoss(ContrastiveLoss):
         return config if self.weight_sigma is None else {**config, "weight_sigma": self.weight_sigma}
 
     def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None):
-        s_pos = positive_logits(logits, positive_index)
+        s_pos = positive_logits(logits, positive_index)  # the positive is never masked: finite on every row
+        keep, logits = rows_with_negatives(logits, positive_index)  # a row with no negative: left out (base.py)
         if self.weight_sigma is None:
-            return (negative_logsumexp(logits, positive_index) - s_pos).mean(), {}
+            return self.mean_over_rows(negative_logsumexp(logits, positive_index) - s_pos, keep), {}
         weights = self.positive_weights(s_pos * self.temperature)
-        loss = (negative_logsumexp(logits, positive_index) - weights * s_pos).mean()
+        loss = self.mean_over_rows(negative_logsumexp(logits, positive_index) - weights * s_pos, keep)
         return loss, {"dcl_weight_min": weights.detach().min(), "dcl_weight_max": weights.detach().max()}
 
     def positive_weights(self, positive_cosines: Tensor) -> Tensor:

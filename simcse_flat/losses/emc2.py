@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import gather_no_grad
-from .base import ContrastiveLoss, negative_logsumexp, positive_logits
+from .base import ContrastiveLoss, logit_metrics, negative_logsumexp, positive_logits
 from .emc2_chains import McmcNegativeSampler
 
 KERNELS = ("paper", "official_scan")
@@ -96,7 +96,10 @@ class EMC2Loss(ContrastiveLoss):
     Args:
         dataset_size: number of samples; the chains take 12 bytes each (int64 index + fp32 log-score).
         temperature: τ; the paper's β is 1/τ.
-        hard_negative_weight: see :class:`~simcse_flat.losses.base.ContrastiveLoss` (only reported metrics see it).
+        hard_negative_weight: see :class:`~simcse_flat.losses.base.ContrastiveLoss`. Only the reported metrics see
+            it (``infonce`` and the rest, of the biased logits): SimCSE's weight is a bias of its softmax, while
+            EMC²'s target :math:`p_i` is the unbiased global one, so the MH scores, the chains and the estimate
+            use the unbiased logits (``tests/test_emc2.py``).
         seed: seed of the sampler's generator (its state is saved in ``state_dict()``).
         proposals: ``paper`` kernel only: uniform proposals per anchor and step, ``K`` (``None``: 1).
         kernel: ``paper`` or ``official_scan`` (see above).
@@ -171,7 +174,16 @@ class EMC2Loss(ContrastiveLoss):
         if callable(chain_negatives):
             chain_negatives = chain_negatives(inputs["anchor_ids"])
         chain_logits = None if chain_negatives is None else self.paired_logits(anchors, chain_negatives)
-        return super().forward(anchors, candidates, positive_index, chain_logits=chain_logits, **inputs)
+        # the target p_i is the unbiased global softmax: the MH scores and the estimate never see
+        # hard_negative_weight; only the reported metrics do, from the logits as SimCSE biases them
+        hard_negative_index = inputs.pop("hard_negative_index", None)
+        loss, metrics = super().forward(anchors, candidates, positive_index, chain_logits=chain_logits, **inputs)
+        if hard_negative_index is not None and self.hard_negative_weight != 0.0:
+            with torch.no_grad():
+                biased = self.logits(anchors, candidates, hard_negative_index, inputs.get("exclude_index"),
+                                     inputs.get("duplicate_mask"))  # fmt: skip
+                metrics.update(logit_metrics(biased, positive_index))
+        return loss, metrics
 
     def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
         """The loop's encoder, to re-encode each anchor's chain negative once a step (:class:`ChainNegatives`)."""

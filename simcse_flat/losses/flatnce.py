@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import ContrastiveLoss, negative_logsumexp, positive_logits
+from .base import ContrastiveLoss, negative_logsumexp, positive_logits, rows_with_negatives
 
 
 class FlatNCELoss(ContrastiveLoss):
@@ -46,5 +46,6 @@ class FlatNCELoss(ContrastiveLoss):
 }"""
 
     def compute_loss_from_logits(self, logits: Tensor, positive_index: Tensor, *, anchor_ids=None, candidate_ids=None):
-        loss = (negative_logsumexp(logits, positive_index) - positive_logits(logits, positive_index)).mean()
-        return loss, {}
+        keep, logits = rows_with_negatives(logits, positive_index)  # a row with no negative: left out (base.py)
+        per_row = negative_logsumexp(logits, positive_index) - positive_logits(logits, positive_index)
+        return self.mean_over_rows(per_row, keep), {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ContrastiveLoss, positive_logits
+from .base import ContrastiveLoss, positive_logits, rows_with_negatives
 
 
 class InfoNCELoss(ContrastiveLoss):
@@ -41,5 +41,6 @@ class InfoNCELoss(ContrastiveLoss):
 }"""
 
     def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None):
-        loss = (torch.logsumexp(logits, dim=1) - positive_logits(logits, positive_index)).mean()
-        return loss, {}
+        keep, logits = rows_with_negatives(logits, positive_index)  # a row with no negative: left out (base.py)
+        per_row = torch.logsumexp(logits, dim=1) - positive_logits(logits, positive_index)
+        return self.mean_over_rows(per_row, keep), {}

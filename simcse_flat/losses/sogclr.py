@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import gather_no_grad
-from .base import ContrastiveLoss, positive_logits
+from .base import ContrastiveLoss, positive_logits, rows_with_negatives
 
 
 class SogCLRLoss(ContrastiveLoss):
@@ -97,26 +97,32 @@ class SogCLRLoss(ContrastiveLoss):
     def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None):
         if anchor_ids is None:
             raise ValueError("SogCLRLoss keeps a moving average per data-set sample: pass anchor_ids")
+        # a row with no negative has no estimate: left out of the loss and of the state (base.py)
+        keep, logits = rows_with_negatives(logits, positive_index)
         negatives = torch.isfinite(logits) & ~F.one_hot(positive_index, logits.size(1)).bool()
         count = negatives.sum(dim=1).clamp(min=1)
         neg_logits = logits.masked_fill(~negatives, float("-inf"))
         batch_log_g = torch.logsumexp(neg_logits.detach(), dim=1) - count.log()  # log ĝ_i
-        log_u = self._update(anchor_ids, batch_log_g)
+        log_u = self._update(anchor_ids, batch_log_g, keep)
+        log_u = torch.where(keep, log_u, 0.0)  # finite where left out (no estimate yet may be -inf)
         weights = torch.exp(neg_logits.detach() - log_u[:, None])  # e^{s_ij} / u_i, 0 off the negatives
         weighted = (weights * logits.masked_fill(~negatives, 0.0)).sum(dim=1) / count
         loss = log_u - positive_logits(logits, positive_index) + (weighted - weighted.detach())
-        return loss.mean(), {
-            "sogclr_log_u": log_u.mean(),
-            "sogclr_weight_mean": torch.exp(batch_log_g - log_u).mean(),
+        kept = keep.sum().clamp(min=1)
+        return self.mean_over_rows(loss, keep), {
+            "sogclr_log_u": torch.where(keep, log_u, 0.0).sum() / kept,
+            "sogclr_weight_mean": torch.where(keep, torch.exp(batch_log_g - log_u), 0.0).sum() / kept,
         }
 
     @torch.no_grad()
-    def _update(self, anchor_ids: Tensor, batch_log_g: Tensor) -> Tensor:
-        """Blend the batch estimate into ``log u`` of the anchors (log domain), store it everywhere, return it."""
+    def _update(self, anchor_ids: Tensor, batch_log_g: Tensor, estimated: Tensor) -> Tensor:
+        """Blend the batch estimate into ``log u`` of the anchors (log domain) where the row has one
+        (``estimated``), store it everywhere, return it."""
         old = self.log_u[anchor_ids]
         keep = math.log(1.0 - self.gamma) if self.gamma < 1.0 else float("-inf")
         blended = torch.logaddexp(old + keep, batch_log_g + math.log(self.gamma))
         new = torch.where(torch.isneginf(old), batch_log_g, blended)
+        new = torch.where(estimated, new, old)
         ids = gather_no_grad(anchor_ids, self.world_size)  # every process writes every process's rows: one state
         self.log_u[ids] = gather_no_grad(new, self.world_size)
         return new

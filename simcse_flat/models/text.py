@@ -48,8 +48,7 @@ POOLERS = ("cls", "cls_before_pooler", "mean", "avg_first_last")
 _POOLER_ALIASES = {"avg": "mean"}
 
 
-class ModelLoadError(ValueError):
-    """The model could not be loaded (wrong path, not cached offline, a module that cannot be used)."""
+from ..errors import ModelLoadError  # noqa: E402 - the core's errors (simcse_flat.errors)
 
 
 def resolve_pooler(name: str) -> str:
@@ -96,7 +95,13 @@ class TrainingOnlyMLP(Dense):
 
 
 class SentenceEncoder(SentenceTransformer):
-    """A ``SentenceTransformer`` the training loop can call as ``encoder(**batch) -> (n, D)``."""
+    """A ``SentenceTransformer`` the training loop can call as ``encoder(**batch) -> (n, D)``.
+
+    ``forward`` therefore has two calls, told apart by how the features come: as keywords (the loop's
+    ``encoder(**batch)``, through DDP) it returns the ``(n, D)`` sentence embeddings; as one dict (the call
+    sentence-transformers' ``encode`` and its losses make, ``model(features)``) it returns sentence-transformers'
+    features dict, ``"sentence_embedding"`` among them.
+    """
 
     def forward(self, input: dict[str, Tensor] | None = None, **kwargs) -> dict[str, Tensor] | Tensor:
         if input is None:  # the loop's call: token tensors in, sentence embeddings out (one pass over all views)
@@ -228,9 +233,10 @@ class SentenceEncoder(SentenceTransformer):
             )
 
 
-def load_encoder(model: dict) -> SentenceEncoder:
+def encoder_from_settings(model: dict) -> SentenceEncoder:
     """The encoder a run's model settings (``config.model`` as a dict) name: pretrained, or fresh from
-    ``model_type``."""
+    ``model_type``. (A trained model folder loads with :meth:`SentenceEncoder.from_pretrained`; vision's
+    :func:`~simcse_flat.vision.load_encoder` takes a path.)"""
     if model.get("model_type"):
         return SentenceEncoder.from_scratch(
             model["model_type"], model["tokenizer_name"], model.get("config_overrides"), model.get("pooler"),
