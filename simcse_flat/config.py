@@ -141,6 +141,11 @@ class TrainerArguments:
                   "chunk's activations: the whole batch's negatives in a chunk's memory, for one more forward "
                   "pass. 0: off."},
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each transformer layer in the backward pass (non-reentrant) instead of keeping "
+                  "its activations: less memory for one more forward pass; the same gradient."},
+    )
     learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate, before lr_scaling."})
     lr_scaling: str = field(
         default="none", metadata={"help": "none | linear (lr·B/256) | sqrt (lr·√B), B examples a step (FlatCLR)."}
