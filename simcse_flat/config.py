@@ -50,7 +50,8 @@ class ModelArguments:
     )
     pooler: str | None = field(
         default=None,
-        metadata={"help": "A plain Hugging Face encoder's pooler: cls (default) | cls_before_pooler | mean | avg_first_last. "
+        metadata={"help": "A plain Hugging Face encoder's pooler: cls (default) | cls_before_pooler | mean | avg_first_last | "
+                  "lasttoken (the default of a decoder: Qwen2, Llama). "
                   "A sentence-transformers model keeps its own (leave unset, or name that one)."},
     )
     mlp_only_train: bool = field(default=False, metadata={"help": "Use the cls MLP in training only (SimCSE unsup)."})

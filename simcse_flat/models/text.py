@@ -209,12 +209,17 @@ class SentenceEncoder(SentenceTransformer):
 
         with _load_errors_named(tokenizer_name):
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
-        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        defaults = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        config = AutoConfig.for_model(model_type, **defaults)
         if config_overrides:
             try:
-                config.update_from_string(config_overrides)
+                config.update_from_string(config_overrides)  # typed as the config's own fields
             except ValueError as err:
                 raise ModelLoadError(f"config_overrides {config_overrides!r}: {err}") from None
+            # built again from the overridden values, so that fields derived from them (a decoder's layer_types,
+            # one per layer) follow
+            names = [part.split("=", 1)[0].strip() for part in config_overrides.split(",")]
+            config = AutoConfig.for_model(model_type, **defaults, **{name: getattr(config, name) for name in names})
         model = _without_unused_pooler(lambda kwargs: AutoModel.from_config(config, **kwargs))
         # sentence-transformers' Transformer module reads a folder: hand it the fresh model through a scratch one
         with tempfile.TemporaryDirectory(prefix="simcse_flat_init_") as folder:
@@ -304,15 +309,17 @@ def is_decoder(config) -> bool:
 
 def append_eos(tokenizer, name: str) -> None:
     """Make ``tokenizer`` end every text with its EOS token (a post-processor, saved in ``tokenizer.json``), unless
-    it does already; without a padding token it pads with EOS (the attention mask still marks the real EOS)."""
-    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    it ends texts with EOS (or, a BERT tokenizer, SEP) already; without a padding token it pads with EOS (the
+    attention mask still marks the real EOS)."""
+    ends = {tokenizer.eos_token_id, tokenizer.sep_token_id} - {None}
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer("a")["input_ids"][-1] in ends:
+        return
+    eos = tokenizer.eos_token
     if eos is None:
         raise ModelLoadError(f"{name}: a decoder's tokenizer needs an eos_token, for last-token pooling to read the "
                              "whole text")  # fmt: skip
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = eos
-    if tokenizer("a")["input_ids"][-1] == eos_id:
-        return
     from tokenizers import processors
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
