@@ -46,8 +46,9 @@ def _embed(encoder: SentenceEncoder, sentences: list[str], side: str) -> torch.T
         return encoder(**tokens)
 
 
-def test_a_causal_lm_folder_is_pooled_at_its_eos_the_same_under_left_and_right_padding(tiny_qwen2):
-    encoder = SentenceEncoder.from_pretrained(str(tiny_qwen2)).eval()
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_a_causal_lm_folder_is_pooled_at_its_eos_the_same_under_left_and_right_padding(tmp_path, model_type):
+    encoder = SentenceEncoder.from_pretrained(str(write_tiny_decoder(tmp_path / model_type, model_type))).eval()
     assert encoder.pooler == "lasttoken"
     tokenizer = encoder.tokenizer
     assert all(tokenizer(s)["input_ids"][-1] == tokenizer.eos_token_id for s in SENTENCES)  # EOS appended
