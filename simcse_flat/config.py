@@ -58,6 +58,16 @@ class ModelArguments:
     max_seq_length: int = field(
         default=32, metadata={"help": "Tokens per sentence in training (SimCSE: 32); evaluation and export use the model's own limit."}
     )
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank (peft): train adapters of this rank only, every other weight frozen; "
+                             "0: off, the whole model trains. Exports merge the adapters in."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: the adapters' scale is lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA: dropout on the adapters' input."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA: the linear modules to adapt (e.g. q_proj v_proj); unset: peft's "
+                                "default for the model type."},
+    )
 
 
 @dataclass

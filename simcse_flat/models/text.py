@@ -140,7 +140,12 @@ class SentenceEncoder(SentenceTransformer):
         return "lasttoken" if mode == "lasttoken" else None
 
     def save(self, path: str, *args, **kwargs) -> None:
-        """sentence-transformers' ``save``, without the modules that act in training only."""
+        """sentence-transformers' ``save``, without the modules that act in training only (LoRA adapters merged
+        into the base weights: :mod:`.adapters`)."""
+        from .adapters import has_adapters, merged_copy
+
+        if has_adapters(self):
+            return merged_copy(self).save(path, *args, **kwargs)
         with self.published():
             super().save(path, *args, **kwargs)
         if getattr(self.transformers_model, "pooler", False) is None:  # loaded without it (_without_unused_pooler)
@@ -244,13 +249,19 @@ def load_encoder(model: dict) -> SentenceEncoder:
     """The encoder a run's model settings (``config.model`` as a dict) name: pretrained, or fresh from
     ``model_type``."""
     if model.get("model_type"):
-        return SentenceEncoder.from_scratch(
+        encoder = SentenceEncoder.from_scratch(
             model["model_type"], model["tokenizer_name"], model.get("config_overrides"), model.get("pooler"),
             model.get("mlp_only_train", False),
         )  # fmt: skip
-    return SentenceEncoder.from_pretrained(
-        model["model_name_or_path"], pooler=model.get("pooler"), mlp_only_train=model.get("mlp_only_train", False)
-    )
+    else:
+        encoder = SentenceEncoder.from_pretrained(
+            model["model_name_or_path"], pooler=model.get("pooler"), mlp_only_train=model.get("mlp_only_train", False)
+        )
+    if model.get("lora_r"):  # adapters (models/adapters.py): built here, so a checkpoint's model is rebuilt with them
+        from .adapters import add_lora
+
+        add_lora(encoder, model, model.get("model_name_or_path") or model["model_type"])
+    return encoder
 
 
 def check_trainable(encoder: SentenceEncoder, name: str) -> None:
