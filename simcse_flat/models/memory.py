@@ -2,9 +2,8 @@
 
 Gradient checkpointing keeps only each layer's input in the forward pass and recomputes the layer in the backward
 pass (transformers' own ``activation_checkpointing_enable``, per ``GradientCheckpointingLayer``). It is always the
-non-reentrant ``torch.utils.checkpoint``: the reentrant one breaks under DDP when a parameter is used in several
-checkpointed calls and with frozen inputs (sentence-transformers' issue #2844), and it cannot see the gradient of
-inputs that do not require one (LoRA's frozen embeddings). ``torch.utils.checkpoint`` saves the RNG state of the
+non-reentrant ``torch.utils.checkpoint``: the reentrant one crashes under DDP (sentence-transformers' issue #2844,
+fixed there the same way). ``torch.utils.checkpoint`` saves the RNG state of the
 forward pass and restores it for the recomputation, so dropout draws the same masks twice: the gradient is the one
 without checkpointing (``tests/test_memory.py``), also inside GradCache's replayed second pass.
 """
