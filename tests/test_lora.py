@@ -113,3 +113,29 @@ def test_a_checkpoint_of_another_kind_is_refused(tiny_qwen2, tmp_path):
     with pytest.raises(RuntimeError, match="trained on other frozen base weights"):
         load_model_weights(other_base, tmp_path / "adapters.safetensors")
     load_model_weights(load_encoder({"model_name_or_path": str(tiny_qwen2), "lora_r": 4}), tmp_path / "adapters.safetensors")
+
+
+@pytest.mark.slow
+def test_two_launched_processes_with_adapters_and_checkpointing_train_like_one_with_twice_the_batch(tmp_path):
+    # DDP + LoRA + non-reentrant checkpointing: losses and adapters of 2 gloo processes x 8 = 1 process x 16.
+    # No dropout: each process would draw its own masks.
+    from conftest import write_tiny_decoder
+    from safetensors.torch import load_file
+    from test_training_runs import _launch_two_processes
+    from test_trainer import _argv, _losses
+
+    from simcse_flat.run_folder import read_log
+    from simcse_flat.trainer import train
+
+    decoder = write_tiny_decoder(tmp_path / "qwen2")
+    run = ("--lora_r", "4", "--gradient_checkpointing", "true", "--pooler", "lasttoken", "--loss", "flatnce",
+           "--max_steps", "3", "--save_steps", "3")  # fmt: skip
+    one = _losses(train(parse_config(_argv(decoder, tmp_path / "one", *run, "--per_device_train_batch_size", "16"))))
+    _launch_two_processes(_argv(decoder, tmp_path / "two", *run))
+    two = {row["step"]: row["loss"] for row in read_log(tmp_path / "two" / "run") if "loss" in row}
+    assert sorted(two) == sorted(one) == [1, 2, 3]
+    assert all(two[step] == pytest.approx(one[step], abs=1e-5) for step in one), (one, two)
+    adapters = [load_file(str(tmp_path / name / "run" / "checkpoint-3" / "model.safetensors")) for name in ("one", "two")]
+    assert adapters[0].keys() == adapters[1].keys() and all(".lora_" in name for name in adapters[0])
+    worst = max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0])
+    assert worst <= 1e-5, worst
