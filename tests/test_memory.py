@@ -88,14 +88,15 @@ def test_checkpointing_inside_grad_cache_gives_the_chunk_by_chunk_gradient(encod
     assert calls[0] == 3 * 3  # 3 chunks: the cached pass, the replayed pass, its recomputation
 
 
-def test_a_run_with_checkpointing_follows_the_plain_loss_curve_and_weights(tiny_bert, tmp_path):
+@pytest.mark.parametrize("loss", ["infonce", "emc2"])  # EMC² also encodes each chain's negative in a pass of its own
+def test_a_run_with_checkpointing_follows_the_plain_loss_curve_and_weights(tiny_bert, tmp_path, loss):
     (tmp_path / "train.txt").write_text("\n".join(" ".join(WORDS[i : i + 4]) for i in range(24)) + "\n")
 
     def run(name: str, *extra: str):
         config = parse_config([
             "--model_name_or_path", str(tiny_bert), "--train_file", str(tmp_path / "train.txt"), "--pooler", "mean",
             "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--max_steps", "3", "--logging_steps",
-            "1", "--save_steps", "0", "--report_to", "none", "--output_dir", str(tmp_path / name), "--seed", "3", *extra,
+            "1", "--save_steps", "0", "--report_to", "none", "--output_dir", str(tmp_path / name), "--seed", "3", "--loss", loss, *extra,
         ])  # fmt: skip
         result = train(config)
         return [row["loss"] for row in result.history], SentenceEncoder.from_pretrained(str(result.final_model))
