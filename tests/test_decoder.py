@@ -1,5 +1,6 @@
 """Decoder embedders: a causal-LM backbone pooled at its last real token (left or right padding), EOS appended,
-instruction prompts in training as in ``encode``; from a config, a folder, a hub id, or a sentence-transformers model."""
+instruction prompts in training as in ``encode``; from a config, a folder, a hub id, or a sentence-transformers
+model."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ SENTENCES = ["a man is playing a guitar in the park", "the dog", "two children a
 def _pad(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` of ``(L_i, D)`` padded (with 99) on ``side`` into ``(n, L, D)``, and their attention mask."""
     longest = max(len(r) for r in rows)
-    out, mask = torch.full((len(rows), longest, rows[0].size(1)), 99.0), torch.zeros(len(rows), longest, dtype=torch.long)
+    out = torch.full((len(rows), longest, rows[0].size(1)), 99.0)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
     for i, row in enumerate(rows):
         place = slice(0, len(row)) if side == "right" else slice(longest - len(row), longest)
         out[i, place], mask[i, place] = row, 1

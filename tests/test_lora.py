@@ -84,7 +84,8 @@ def test_the_checkpointed_gradient_of_the_adapters_is_the_plain_one(tiny_qwen2):
     assert expected and all(".lora_" in name for name in expected)
     enable_gradient_checkpointing(encoder, "tiny")
     _assert_same(_gradients(encoder, batch, ids), expected)
-    _assert_same(_gradients(encoder, batch, ids, chunk_size=("cache", 5)), _gradients(encoder, batch, ids, chunk_size=5))
+    chunked = _gradients(encoder, batch, ids, chunk_size=5)
+    _assert_same(_gradients(encoder, batch, ids, chunk_size=("cache", 5)), chunked)
 
 
 def test_target_modules_the_model_does_not_have_fail_in_one_line(tiny_qwen2):
@@ -114,7 +115,8 @@ def test_a_checkpoint_of_another_kind_is_refused(tiny_qwen2, tmp_path):
         next(p for p in other_base.parameters() if not p.requires_grad)[0, 0] += 1e-3  # a frozen weight differs
     with pytest.raises(RuntimeError, match="trained on other frozen base weights"):
         load_model_weights(other_base, tmp_path / "adapters.safetensors")
-    load_model_weights(load_encoder({"model_name_or_path": str(tiny_qwen2), "lora_r": 4}), tmp_path / "adapters.safetensors")
+    same_base = load_encoder({"model_name_or_path": str(tiny_qwen2), "lora_r": 4})
+    load_model_weights(same_base, tmp_path / "adapters.safetensors")  # the base it was trained on: accepted
 
 
 @pytest.mark.slow
@@ -137,7 +139,8 @@ def test_two_launched_processes_with_adapters_and_checkpointing_train_like_one_w
     two = {row["step"]: row["loss"] for row in read_log(tmp_path / "two" / "run") if "loss" in row}
     assert sorted(two) == sorted(one) == [1, 2, 3]
     assert all(two[step] == pytest.approx(one[step], abs=1e-5) for step in one), (one, two)
-    adapters = [load_file(str(tmp_path / name / "run" / "checkpoint-3" / "model.safetensors")) for name in ("one", "two")]
+    files = [tmp_path / name / "run" / "checkpoint-3" / "model.safetensors" for name in ("one", "two")]
+    adapters = [load_file(str(file)) for file in files]
     assert adapters[0].keys() == adapters[1].keys() and all(".lora_" in name for name in adapters[0])
     worst = max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0])
     assert worst <= 1e-5, worst

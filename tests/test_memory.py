@@ -69,7 +69,8 @@ def test_checkpointed_gradient_equals_the_plain_one_with_dropout_on(encoder_with
     encoder = encoder_with_dropout
     batch, ids = _batch(encoder)
     expected = _gradients(encoder, batch, ids)
-    assert not torch.equal(_gradients(encoder, batch, ids, seed=4)[next(iter(expected))], expected[next(iter(expected))])
+    first = next(iter(expected))
+    assert not torch.equal(_gradients(encoder, batch, ids, seed=4)[first], expected[first])  # dropout is on
     enable_gradient_checkpointing(encoder, "tiny")
     calls = _layer_calls(encoder)
     got = _gradients(encoder, batch, ids)
@@ -96,14 +97,16 @@ def test_a_run_with_checkpointing_follows_the_plain_loss_curve_and_weights(tiny_
         config = parse_config([
             "--model_name_or_path", str(tiny_bert), "--train_file", str(tmp_path / "train.txt"), "--pooler", "mean",
             "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--max_steps", "3", "--logging_steps",
-            "1", "--save_steps", "0", "--report_to", "none", "--output_dir", str(tmp_path / name), "--seed", "3", "--loss", loss, *extra,
+            "1", "--save_steps", "0", "--report_to", "none", "--output_dir", str(tmp_path / name), "--seed", "3",
+            "--loss", loss, *extra,
         ])  # fmt: skip
         result = train(config)
         return [row["loss"] for row in result.history], SentenceEncoder.from_pretrained(str(result.final_model))
 
     (plain, plain_model), (checkpointed, model) = run("plain"), run("ckpt", "--gradient_checkpointing", "true")
     assert checkpointed == pytest.approx(plain, abs=1e-5)  # dropout on: the same masks in both runs
-    worst = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), plain_model.state_dict().values()))
+    pairs = zip(model.state_dict().values(), plain_model.state_dict().values())
+    worst = max((a - b).abs().max().item() for a, b in pairs)
     assert worst <= 1e-5
 
 

@@ -69,7 +69,8 @@ def save_model_weights(model: nn.Module, file: Path) -> None:
     if adapters is None:
         save_model(model, str(file))  # handles tied weights
     else:
-        metadata = {"contents": "adapters", "frozen_sha256": frozen_fingerprint(model)}
+        # one entry: safetensors writes its metadata in no fixed order, and a checkpoint must be bit-reproducible
+        metadata = {"adapters_of_frozen_sha256": frozen_fingerprint(model)}
         save_file({name: tensor.cpu() for name, tensor in adapters.items()}, str(file), metadata=metadata)
 
 
@@ -98,7 +99,7 @@ def load_model_weights(model: nn.Module, file: Path) -> None:
 
     with safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    holds_adapters = metadata.get("contents") == "adapters"
+    holds_adapters = "adapters_of_frozen_sha256" in metadata
     adapters = trainable_tensors(model)
     if not holds_adapters and adapters is None:
         load_model(model, str(file), strict=True)
@@ -108,7 +109,7 @@ def load_model_weights(model: nn.Module, file: Path) -> None:
     tensors = load_file(str(file))
     if set(tensors) != set(adapters):
         raise RuntimeError(f"adapter tensors {sorted(set(tensors) ^ set(adapters))[:3]} in only one of file and model")
-    if metadata.get("frozen_sha256") != frozen_fingerprint(model):
+    if metadata["adapters_of_frozen_sha256"] != frozen_fingerprint(model):
         raise RuntimeError("the adapters were trained on other frozen base weights (another model revision or seed)")
     parameters = dict(model.named_parameters())
     with torch.no_grad():

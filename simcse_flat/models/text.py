@@ -308,7 +308,10 @@ def _plain_modules(path: str, pooler: str | None, mlp_only_train: bool) -> list[
 def is_decoder(config) -> bool:
     """A causal-LM backbone (Qwen2, Llama, ...): its architecture is a ``...ForCausalLM`` (sentence-transformers'
     rule), or its model type has a causal-LM head and no masked-LM one (a config built from scratch)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if not getattr(config, "is_causal", True):  # a decoder made bidirectional
         return False
