@@ -119,3 +119,15 @@ def test_checkpointing_where_it_cannot_work_fails_before_training_in_one_line(ti
     pytest.importorskip("torchvision")
     with pytest.raises(ConfigError, match="gradient_checkpointing applies to text models"):
         parse_config(["--modality", "vision", "--gradient_checkpointing", "true"])
+
+
+def test_the_memory_benchmark_fits_its_line_and_trains_only_the_adapters_with_lora():
+    from conftest import load_script
+
+    bench = load_script("bench_decoder_memory")
+    assert bench._fit([(8, 100.0), (32, 340.0), (128, 1300.0)]) == pytest.approx((20.0, 10.0))
+    args = bench.parse_args(["--layers", "1", "--hidden", "64", "--tokens", "4"])
+    plain, lora = bench.measure(args, "plain", 2), bench.measure(args, "lora", 2)
+    assert plain["trainable"] == plain["parameters"] == lora["parameters"] - lora["trainable"]  # the base, frozen
+    assert lora["trainable"] == 4 * 2 * 8 * 64  # r 8 on q, k, v, o of one layer: A (8 x 64) and B (64 x 8) each
+    assert plain["memory"] == lora["memory"] and plain["added_mib"] > 0
