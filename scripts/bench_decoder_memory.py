@@ -1,16 +1,19 @@
 """Peak memory of one training step of a random decoder embedder: plain, gradient checkpointing, LoRA, GradCache and
 all three, at several batch sizes; and what batch would fit a 0.6 B and a 7 B model in 24 / 80 GB.
 
-    python scripts/bench_decoder_memory.py                                  # CPU: 12 layers x 768, batch 8 32 128
+    python scripts/bench_decoder_memory.py                      # CPU: 12 layers x 768, 16 tokens, batch 8 32 128
     python scripts/bench_decoder_memory.py --batch_sizes 8 32 128 256       # the same command on a GPU
 
 Each (setting, batch) runs in a fresh process: the model (Qwen2, ``--layers`` x ``--hidden``, random init, the
-packaged MiniLM's tokenizer) is built, then one optimizer step (AdamW, InfoNCE on two dropout views of ``batch``
-sentences of ``--tokens`` tokens) is measured: on a GPU ``torch.cuda.max_memory_allocated`` during the step minus
-the memory allocated before it; on a CPU the peak resident set during the step (sampled every millisecond) minus the
-resident set before it. Either way the figure is what the step adds to the loaded model: activations, gradients and
-the optimizer's state (created at the first step). A straight line through the batch sizes splits it into a fixed
-part (gradients and optimizer state) and a per-example part (activations), which the estimate scales to other models.
+packaged MiniLM's tokenizer) is built with its gradients and AdamW's moments allocated (as they are at every step but
+the first), then one optimizer step (InfoNCE on two dropout views of ``batch`` sentences of ``--tokens`` tokens) is
+measured: on a GPU ``torch.cuda.max_memory_allocated`` during the step minus the memory allocated before it; on a CPU
+the peak resident set during the step (sampled every millisecond) minus the resident set before it, with glibc's
+mmap threshold fixed at 1 MiB and freed memory trimmed first, so that the resident set is the live memory
+(docs/benchmarks.md's CPU figures: OMP_NUM_THREADS=1). Either way the figure is what the step adds to the trained
+model's weights, gradients and optimizer state: activations and temporaries. A straight line through the batch sizes
+splits it into a per-example part (activations) and a constant; the estimate scales the per-example part to other
+models by layers x hidden x tokens and adds weights, gradients and AdamW's moments counted from the parameters.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--tokens", type=int, default=32, help="tokens a sentence (every sentence this long)")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens a sentence (every sentence this long)")
+    parser.add_argument("--estimate_tokens", type=int, default=32, help="sentence length the estimate is for")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # SETTING BATCH, in a child process
@@ -97,9 +101,13 @@ def measure(args: argparse.Namespace, setting: str, batch_size: int) -> dict:
         enable_gradient_checkpointing(encoder, "qwen2")
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    for parameter in trainable:  # gradients and AdamW's moments exist before the measured step, as at every step
+        parameter.grad = torch.zeros_like(parameter)  # but the first: the step adds what depends on the batch
+    optimizer.step()
     vocab = encoder.transformers_model.config.vocab_size
     ids = torch.randint(1000, vocab, (batch_size, args.tokens))
-    batch = {"input_ids": torch.cat([ids, ids]), "attention_mask": torch.ones(2 * batch_size, args.tokens, dtype=torch.long)}
+    mask = torch.ones(2 * batch_size, args.tokens, dtype=torch.long)
+    batch = {"input_ids": torch.cat([ids, ids]), "attention_mask": mask}
     batch = {k: v.to(encoder.device) for k, v in batch.items()}
     loss_fn = build_loss("infonce", temperature=0.05)
 
@@ -122,6 +130,9 @@ def measure(args: argparse.Namespace, setting: str, batch_size: int) -> dict:
         torch.cuda.synchronize()
         added, where = torch.cuda.max_memory_allocated() - before, "cuda max_memory_allocated"
     else:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system: the resident set is what lives
         before = _resident_bytes()
         with _PeakResident() as peak:
             step()
@@ -132,7 +143,7 @@ def measure(args: argparse.Namespace, setting: str, batch_size: int) -> dict:
 
 
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares line ``added = fixed + per_example * batch``: (fixed, per_example), MiB."""
+    """Least-squares line ``added = constant + per_example * batch``: (constant, per_example), MiB."""
     n = len(points)
     mean_b = sum(b for b, _ in points) / n
     mean_m = sum(m for _, m in points) / n
@@ -148,34 +159,43 @@ def main() -> None:
     rows = []
     for setting in args.settings:
         for batch in args.batch_sizes:
+            # a fixed mmap threshold: glibc's grows after large frees, and freed memory it keeps would be reused
+            # unseen by the resident set
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
             child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", setting, str(batch)],
-                                   capture_output=True, text=True, check=False)  # fmt: skip
+                                   capture_output=True, text=True, check=False, env=env)  # fmt: skip
             if child.returncode != 0:
                 sys.exit(f"{setting} at batch {batch} failed:\n{child.stderr[-2000:]}")
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"\nQwen2 {args.layers} x {args.hidden} (random), {args.tokens} tokens a sentence, two views, fp32, one AdamW "
-          f"step; memory added by the step: {rows[0]['memory']} (MiB)\n")  # fmt: skip
-    print("| setting | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " | fixed | per example |")
-    print("|---|" + "---:|" * (len(args.batch_sizes) + 2))
-    per_example = {}
+    print(f"\nQwen2 {args.layers} x {args.hidden} (random), {args.tokens} tokens a sentence, two views, fp32, one "
+          f"AdamW step; memory added by the step: {rows[0]['memory']} (MiB)\n")  # fmt: skip
+    print("| setting | " + " | ".join(f"batch {b}" for b in args.batch_sizes)
+          + " | constant | per example | weights, gradients, AdamW (counted) |")
+    print("|---|" + "---:|" * (len(args.batch_sizes) + 3))
+    fitted = {}
     for setting in args.settings:
         points = [(r["batch"], r["added_mib"]) for r in rows if r["setting"] == setting]
-        fixed, slope = _fit(points)
-        per_example[setting] = slope
-        print(f"| {setting} | " + " | ".join(f"{m:.0f}" for _, m in points) + f" | {fixed:.0f} | {slope:.1f} |")
-    print("\nEstimated largest batch a GPU (the measured per-example memory scaled by layers x hidden, fp32 as "
-          "measured; fixed: fp32 weights, and gradient and two AdamW moments of what trains, as accelerate's bf16 "
-          "autocast keeps them; LoRA r 8 on q, k, v, o):\n")  # fmt: skip
+        fitted[setting] = constant, slope = _fit(points)
+        row = next(r for r in rows if r["setting"] == setting)
+        state = (4 * row["parameters"] + 12 * row["trainable"]) / 2**20
+        print(f"| {setting} | " + " | ".join(f"{m:.0f}" for _, m in points)
+              + f" | {constant:.0f} | {slope:.1f} | {state:.0f} |")
+    print(f"\nEstimated largest batch a GPU at {args.estimate_tokens} tokens (the measured per-example memory scaled "
+          "by layers x hidden x tokens, fp32 as "
+          "measured; fixed: fp32 weights, gradient and two AdamW moments of what trains, as accelerate's bf16 autocast "
+          "keeps them, plus the step's constant part as measured; LoRA r 8 on q, k, v, o):\n")  # fmt: skip
     print("| model | setting | per example (GiB) | fixed (GiB) | fits in 24 GB | fits in 80 GB |")
     print("|---|---|---:|---:|---:|---:|")
     for name, (layers, hidden, params) in TARGETS.items():
-        scale = (layers * hidden) / (args.layers * args.hidden)
+        scale = (layers * hidden * args.estimate_tokens) / (args.layers * args.hidden * args.tokens)
         for setting in args.settings:
             lora = SETTINGS[setting][1] > 0
             trained = 4 * layers * 8 * 2 * hidden if lora else params  # r 8 on q, k, v, o (square maps as bound)
-            fixed = (4 * params + 12 * trained) / 2**30  # fp32 weights; gradient and two moments of what trains
-            each = per_example[setting] * scale / 2**10
+            constant, slope = fitted[setting]
+            # fp32 weights; gradient and two moments of what trains; the step's constant part as measured
+            fixed = (4 * params + 12 * trained) / 2**30 + max(constant, 0) / 2**10
+            each = slope * scale / 2**10
             fits = [int((cap * 1e9 / 2**30 - fixed) / each) if each > 0 else 0 for cap in (24, 80)]
             print(f"| {name} | {setting} | {each:.3f} | {fixed:.1f} | "
                   + " | ".join(str(max(f, 0)) for f in fits) + " |")
