@@ -97,6 +97,8 @@ def measure(args: argparse.Namespace, setting: str, batch_size: int) -> dict:
              "lora_r": lora_r, "lora_alpha": 16.0, "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     cuda = torch.cuda.is_available()
     encoder = load_encoder(model).to("cuda" if cuda else "cpu").train()
+    for parameter in encoder.parameters():  # loaded as pages of a mapped file; counted once touched: copy them now
+        parameter.data = parameter.data.clone()
     if checkpointing:
         enable_gradient_checkpointing(encoder, "qwen2")
     trainable = [p for p in encoder.parameters() if p.requires_grad]
