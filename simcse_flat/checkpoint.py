@@ -4,7 +4,7 @@ A checkpoint is one folder, ``OUTPUT/checkpoint-500`` (where transformers' Train
 releases, ``OUTPUT/checkpoints/checkpoint-00000500``, are still found and resumed):
 
 =============================  ========================================================================
-``model.safetensors``          the model's weights (the unwrapped model's ``state_dict``)
+``model.safetensors``          the model's weights (the unwrapped model's ``state_dict``; with LoRA, the adapters)
 ``optimizer.{json,safetensors}``, ``scheduler.*``, ``scaler.*`` (fp16), ``loss_state.*`` (EMC²'s chains,
 SogCLR's u)                    :func:`~simcse_flat.state_io.save_tree`: tensors in safetensors, the rest JSON
 ``rng_state_R.*``              every process's RNG (Python, NumPy, torch, CUDA) and accelerate's step
@@ -38,6 +38,7 @@ import torch
 from accelerate import Accelerator
 
 from .run_folder import CHECKPOINT_MANIFEST, LEGACY_CHECKPOINT_DIR, write_synced
+from .models.adapters import load_model_weights, save_model_weights  # LoRA: the adapters only
 from .state_io import load_tree, save_tree
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -139,9 +140,7 @@ def save_checkpoint(
 
 
 def _save_main_files(folder: Path, parts: Trainables, config_yaml: str) -> None:
-    from safetensors.torch import save_model
-
-    save_model(parts.model, str(folder / MODEL_FILE))  # handles tied weights
+    save_model_weights(parts.model, folder / MODEL_FILE)
     save_tree(parts.optimizer.state_dict(), folder / "optimizer")
     save_tree(parts.scheduler.state_dict(), folder / "scheduler")
     save_tree(parts.loss_fn.state_dict(), folder / "loss_state")
@@ -261,11 +260,9 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore weights, optimizer, scheduler, scaler, loss state and this process's RNG from a checkpoint that
     :func:`validate_checkpoint` accepted; return its :class:`TrainState`."""
-    from safetensors.torch import load_model
-
     path = Path(path)
     try:
-        load_model(parts.model, str(path / MODEL_FILE), strict=True)  # read on the CPU, copied into the parameters
+        load_model_weights(parts.model, path / MODEL_FILE)
     except RuntimeError as err:
         raise CheckpointError(
             f"{path / MODEL_FILE}: does not fit this model ({str(err).splitlines()[0]}): was it written with another "

@@ -50,12 +50,23 @@ class ModelArguments:
     )
     pooler: str | None = field(
         default=None,
-        metadata={"help": "A plain Hugging Face encoder's pooler: cls (default) | cls_before_pooler | mean | avg_first_last. "
+        metadata={"help": "A plain Hugging Face encoder's pooler: cls (default) | cls_before_pooler | mean | avg_first_last | "
+                  "lasttoken (the default of a decoder: Qwen2, Llama). "
                   "A sentence-transformers model keeps its own (leave unset, or name that one)."},
     )
     mlp_only_train: bool = field(default=False, metadata={"help": "Use the cls MLP in training only (SimCSE unsup)."})
     max_seq_length: int = field(
         default=32, metadata={"help": "Tokens per sentence in training (SimCSE: 32); evaluation and export use the model's own limit."}
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank (peft): train adapters of this rank only, every other weight frozen; "
+                             "0: off, the whole model trains. Exports merge the adapters in."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: the adapters' scale is lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA: dropout on the adapters' input."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA: the linear modules to adapt (e.g. q_proj v_proj); unset: peft's "
+                                "default for the model type."},
     )
 
 
@@ -143,6 +154,11 @@ class TrainerArguments:
         metadata={"help": "GradCache: encode the batch this many rows (every view counts) at a time and keep one "
                   "chunk's activations: the whole batch's negatives in a chunk's memory, for one more forward "
                   "pass. 0: off."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each transformer layer in the backward pass (non-reentrant) instead of keeping "
+                  "its activations: less memory for one more forward pass; the same gradient."},
     )
     learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate, before lr_scaling."})
     lr_scaling: str = field(

@@ -39,6 +39,7 @@ def validate(config: RunConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_model_source(config.model)
+    _check_lora(config)
     _validate_numbers(config)
     if training.per_device_train_batch_size < 2:
         raise ConfigError(
@@ -144,6 +145,25 @@ def _check_model_source(model: ModelArguments) -> None:
         close = difflib.get_close_matches(model.model_type, list(CONFIG_MAPPING), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"model_type {model.model_type!r} is not a transformers model type.{hint}")
+
+
+def _check_lora(config: RunConfig) -> None:
+    """LoRA's settings, and that peft is there, before anything loads."""
+    model = config.model
+    if model.lora_r < 0:
+        raise ConfigError(f"lora_r must be >= 0 (0: off), got {model.lora_r}")
+    if not model.lora_r:
+        if model.lora_target_modules:
+            raise ConfigError("lora_target_modules applies to LoRA: set lora_r (e.g. 8)")
+        return
+    if model.modality != "text":
+        raise ConfigError("lora_r applies to text models (transformers layers): set lora_r: 0 for vision")
+    _check_range("lora_alpha", model.lora_alpha, low=0.0)
+    _check_range("lora_dropout", model.lora_dropout, low=0.0, high=1.0, inclusive=True)
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError("lora_r needs the peft package: pip install 'simcse_flat[lora]'")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

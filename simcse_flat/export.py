@@ -168,6 +168,8 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary, model_id: s
     from sentence_transformers.base.model_card import generate_model_card
     from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
 
+    from .models.adapters import card_row
+
     config = summary.config
     card = SentenceTransformerModelCardData(
         language=config.get("language") or "en",
@@ -202,7 +204,7 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary, model_id: s
                             f"(scripts/export_model.py --license); training data: {data_license or 'see its source'}")
     rows = [f"| pooler | `{config.get('pooler') or encoder.pooler}` (mlp_only_train: {config.get('mlp_only_train')}) |",
             f"| max sequence length (training) | {config.get('max_seq_length')} |",
-            f"| training data | `{_names(config.get('train_file'))}` |"]  # fmt: skip
+            f"| training data | `{_names(config.get('train_file'))}` |", *card_row(config)]  # fmt: skip
     if config.get("model_type"):  # no base model: say what it started from
         rows.insert(0, f"| initialisation | from scratch: `{config['model_type']}` "
                        f"({config.get('config_overrides') or 'its default config'}), random weights from seed "
@@ -254,8 +256,7 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     A checkpoint holds the training model's ``model.safetensors`` beside ``config.yaml``; the encoder is rebuilt
     from the config's base model and pooler, then loaded.
     """
-    from safetensors.torch import load_model
-
+    from .models.adapters import load_model_weights
     from .models.text import ModelLoadError, SentenceEncoder, encoder_from_settings
 
     path = Path(path)
@@ -266,6 +267,10 @@ def load_trained_encoder(path: str | Path) -> tuple["SentenceEncoder", dict]:
     if not ((path / "model.safetensors").exists() and (path / "config.yaml").exists()):
         raise ModelLoadError(f"{path}: neither a model folder (modules.json) nor a checkpoint (model.safetensors + config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text())
+    if config.get("model_type"):  # a fresh model: the weights the run drew from its seed (LoRA leaves them frozen)
+        from accelerate.utils import set_seed
+
+        set_seed(config.get("seed", 42))
     encoder = encoder_from_settings(config)  # the architecture the run built (pretrained or fresh), its weights below
-    load_model(encoder, str(path / "model.safetensors"))  # as the checkpoint wrote it (tied weights stored once)
+    load_model_weights(encoder, path / "model.safetensors")  # as the checkpoint wrote it (LoRA: the adapters only)
     return encoder, config

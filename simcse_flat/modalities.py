@@ -72,7 +72,12 @@ def text_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
     # pretrained, or fresh from the run's seed (set before this); its max_seq_length stays the inference length,
     # the collator truncates training text
     encoder = encoder_from_settings(dataclasses.asdict(config.model))
-    check_trainable(encoder, config.model.model_name_or_path or config.model.model_type)
+    name = config.model.model_name_or_path or config.model.model_type
+    check_trainable(encoder, name)
+    if config.training.gradient_checkpointing:
+        from .models.memory import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(encoder, name)
     data = config.data
     files = [data.train_file] if isinstance(data.train_file, str) else data.train_file
     sources = [
@@ -112,6 +117,9 @@ def sts_evaluator(config: RunConfig) -> Callable[[nn.Module], dict]:
 def check_modality_settings(config: RunConfig) -> None:
     """The settings one modality reads, checked before anything loads (:func:`simcse_flat.config_checks.validate`)."""
     if _check_modality(config) == "vision":
+        if config.training.gradient_checkpointing:
+            raise ConfigError("gradient_checkpointing applies to text models (transformers layers); the vision "
+                              "model has none: set gradient_checkpointing: false")
         try:
             from .vision import check_vision_settings
         except ModuleNotFoundError as err:

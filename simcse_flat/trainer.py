@@ -297,8 +297,11 @@ def _claim_output_dir(config: RunConfig, lock: RunLock) -> None:
 
 
 def _checkpoint_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module) -> int:
-    """Weights, two optimizer moments, the loss state, and room to spare (a quarter)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Weights (with LoRA, the adapters only), two optimizer moments, the loss state, and room to spare (a quarter)."""
+    from .models.adapters import trainable_tensors
+
+    adapters = trainable_tensors(model)
+    weights = sum(p.numel() * p.element_size() for p in (model.parameters() if adapters is None else adapters.values()))
     state = sum(b.numel() * b.element_size() for b in loss_fn.buffers())
     return int(1.25 * (3 * weights + state))
 

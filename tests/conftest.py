@@ -53,6 +53,41 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, **config: f
     return folder
 
 
+def write_tiny_decoder_tokenizer(folder: Path, padding_side: str = "right") -> Path:
+    """A word-level fast tokenizer (the test words, single characters) with ``<pad>``, ``<unk>`` and an EOS ``</s>``
+    that it does not append by itself (as a plain causal LM's), for decoders built from a config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["<pad>", "<unk>", "</s>", *WORDS, *(chr(c) for c in range(33, 127))]
+    backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(dict.fromkeys(vocab))}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="</s>", padding_side=padding_side)  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_decoder(folder: Path, model_type: str = "qwen2", padding_side: str = "right", **config) -> Path:
+    """A random-init causal LM (``Qwen2ForCausalLM`` / ``LlamaForCausalLM``, 2 layers of 32) and its tokenizer, saved
+    as a hub causal LM is: the folder a user's ``model_name_or_path`` names."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    write_tiny_decoder_tokenizer(folder, padding_side)
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64, vocab_size=len(WORDS) + 100, pad_token_id=0, eos_token_id=2)  # fmt: skip
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**shape, **config})).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return write_tiny_decoder(tmp_path_factory.mktemp("tiny_qwen2"), attention_dropout=0.1)
+
+
 def load_script(name: str):
     """``scripts/NAME.py`` as a module, so a test can call its ``main``."""
     import importlib.util

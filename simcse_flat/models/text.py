@@ -15,7 +15,14 @@ object, read and written by the library that defines its folder format.
 ``mean``            mean of the last layer over real tokens (``avg`` is accepted as SimCSE's alias)
 ``avg_first_last``  mean over real tokens of the average of the first and the last transformer layer
                     (``WeightedLayerPooling`` with weight 1 on both, then mean ``Pooling``)
+``lasttoken``       the last real token (``Pooling`` lasttoken: the last 1 of the attention mask, so left and
+                    right padding pick the same token), the default of a decoder (causal LM) backbone
 ==================  ==========================================================================================
+
+A decoder used as an encoder (``qwen2``, ``llama``: a causal-LM backbone, :func:`is_decoder`) built here from a plain
+model or from scratch gets ``lasttoken`` pooling, and its tokenizer appends the EOS token to every text (as
+``Qwen3-Embedding``'s tokenizer does), so the last token has read the whole sentence; the exported tokenizer does the
+same, so ``encode`` sees what training saw. A sentence-transformers model keeps its own pooling and tokenizer.
 
 The training loop calls ``encoder(**batch)`` and gets ``(n, D)`` embeddings; everything else (``encode``, ``save``,
 ``push_to_hub``) is sentence-transformers' own.
@@ -44,8 +51,8 @@ try:  # sentence-transformers >= 6 moved the modules; older releases only have t
 except ImportError:  # pragma: no cover - depends on the installed release
     from sentence_transformers.models import Dense, Pooling, Transformer, WeightedLayerPooling
 
-POOLERS = ("cls", "cls_before_pooler", "mean", "avg_first_last")
-_POOLER_ALIASES = {"avg": "mean"}
+POOLERS = ("cls", "cls_before_pooler", "mean", "avg_first_last", "lasttoken")
+_POOLER_ALIASES = {"avg": "mean", "last": "lasttoken"}
 
 
 from ..errors import ModelLoadError  # noqa: E402 - the core's errors (simcse_flat.errors)
@@ -135,10 +142,15 @@ class SentenceEncoder(SentenceTransformer):
             return "cls" if Dense in kinds or TrainingOnlyMLP in kinds else "cls_before_pooler"
         if mode == "mean":
             return "avg_first_last" if WeightedLayerPooling in kinds else "mean"
-        return None
+        return "lasttoken" if mode == "lasttoken" else None
 
     def save(self, path: str, *args, **kwargs) -> None:
-        """sentence-transformers' ``save``, without the modules that act in training only."""
+        """sentence-transformers' ``save``, without the modules that act in training only (LoRA adapters merged
+        into the base weights: :mod:`.adapters`)."""
+        from .adapters import has_adapters, merged_copy
+
+        if has_adapters(self):
+            return merged_copy(self).save(path, *args, **kwargs)
         with self.published():
             super().save(path, *args, **kwargs)
         if getattr(self.transformers_model, "pooler", False) is None:  # loaded without it (_without_unused_pooler)
@@ -183,7 +195,7 @@ class SentenceEncoder(SentenceTransformer):
                 encoder = _without_unused_pooler(lambda kwargs: cls(path, device="cpu", model_kwargs=kwargs))
                 encoder._check_pooler(name_or_path, pooler, mlp_only_train)
             else:
-                encoder = cls(modules=_plain_modules(path, pooler or "cls", mlp_only_train), device="cpu")
+                encoder = cls(modules=_plain_modules(path, pooler, mlp_only_train), device="cpu")
         if max_seq_length:
             encoder.max_seq_length = max_seq_length
         return encoder
@@ -207,18 +219,23 @@ class SentenceEncoder(SentenceTransformer):
 
         with _load_errors_named(tokenizer_name):
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
-        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        defaults = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        config = AutoConfig.for_model(model_type, **defaults)
         if config_overrides:
             try:
-                config.update_from_string(config_overrides)
+                config.update_from_string(config_overrides)  # typed as the config's own fields
             except ValueError as err:
                 raise ModelLoadError(f"config_overrides {config_overrides!r}: {err}") from None
+            # built again from the overridden values, so that fields derived from them (a decoder's layer_types,
+            # one per layer) follow
+            names = [part.split("=", 1)[0].strip() for part in config_overrides.split(",")]
+            config = AutoConfig.for_model(model_type, **defaults, **{name: getattr(config, name) for name in names})
         model = _without_unused_pooler(lambda kwargs: AutoModel.from_config(config, **kwargs))
         # sentence-transformers' Transformer module reads a folder: hand it the fresh model through a scratch one
         with tempfile.TemporaryDirectory(prefix="simcse_flat_init_") as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
-            encoder = cls(modules=_plain_modules(folder, pooler or "cls", mlp_only_train), device="cpu")
+            encoder = cls(modules=_plain_modules(folder, pooler, mlp_only_train), device="cpu")
         encoder.transformers_model.config._name_or_path = model_type  # not the scratch folder, gone now
         return encoder
 
@@ -238,13 +255,19 @@ def encoder_from_settings(model: dict) -> SentenceEncoder:
     ``model_type``. (A trained model folder loads with :meth:`SentenceEncoder.from_pretrained`; vision's
     :func:`~simcse_flat.vision.load_encoder` takes a path.)"""
     if model.get("model_type"):
-        return SentenceEncoder.from_scratch(
+        encoder = SentenceEncoder.from_scratch(
             model["model_type"], model["tokenizer_name"], model.get("config_overrides"), model.get("pooler"),
             model.get("mlp_only_train", False),
         )  # fmt: skip
-    return SentenceEncoder.from_pretrained(
-        model["model_name_or_path"], pooler=model.get("pooler"), mlp_only_train=model.get("mlp_only_train", False)
-    )
+    else:
+        encoder = SentenceEncoder.from_pretrained(
+            model["model_name_or_path"], pooler=model.get("pooler"), mlp_only_train=model.get("mlp_only_train", False)
+        )
+    if model.get("lora_r"):  # adapters (models/adapters.py): built here, so a checkpoint's model is rebuilt with them
+        from .adapters import add_lora
+
+        add_lora(encoder, model, model.get("model_name_or_path") or model["model_type"])
+    return encoder
 
 
 def check_trainable(encoder: SentenceEncoder, name: str) -> None:
@@ -265,20 +288,69 @@ def _is_sentence_transformers_model(path: str) -> bool:
     return is_sentence_transformer_model(path)
 
 
-def _plain_modules(path: str, pooler: str, mlp_only_train: bool) -> list[nn.Module]:
-    """``Transformer`` + SimCSE's ``pooler`` for a plain Hugging Face encoder."""
+def _plain_modules(path: str, pooler: str | None, mlp_only_train: bool) -> list[nn.Module]:
+    """``Transformer`` + SimCSE's ``pooler`` (unset: ``cls``, ``lasttoken`` for a decoder) for a plain Hugging Face
+    model."""
     first_last = pooler == "avg_first_last"
     config_kwargs = {"output_hidden_states": True} if first_last else {}
     transformer = _without_unused_pooler(lambda kwargs: Transformer(path, model_kwargs=kwargs, config_kwargs=config_kwargs))
     config = transformer.auto_model.config
     transformer.max_seq_length = min(512, config.max_position_embeddings)  # SimCSE evaluates untruncated
     dim = config.hidden_size
+    if is_decoder(config):
+        append_eos(transformer.tokenizer, path)
+        pooler = pooler or "lasttoken"
+    pooler = pooler or "cls"
+    if pooler == "lasttoken":
+        return [transformer, Pooling(dim, pooling_mode="lasttoken")]
     if first_last:
         return [transformer, first_last_layer_pooling(dim, config.num_hidden_layers), Pooling(dim, pooling_mode="mean")]
     if pooler == "mean":
         return [transformer, Pooling(dim, pooling_mode="mean")]
     modules = [transformer, Pooling(dim, pooling_mode="cls")]
     return modules + [_simcse_mlp(dim, mlp_only_train)] if pooler == "cls" else modules
+
+
+def is_decoder(config) -> bool:
+    """A causal-LM backbone (Qwen2, Llama, ...): its architecture is a ``...ForCausalLM`` (sentence-transformers'
+    rule), or its model type has a causal-LM head and no masked-LM one (a config built from scratch)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if not getattr(config, "is_causal", True):  # a decoder made bidirectional
+        return False
+    if any(arch.endswith("ForCausalLM") for arch in getattr(config, "architectures", None) or []):
+        return True
+    model_type = config.model_type
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def append_eos(tokenizer, name: str) -> None:
+    """Make ``tokenizer`` end every text with its EOS token (a post-processor, saved in ``tokenizer.json``), unless
+    it ends texts with EOS (or, a BERT tokenizer, SEP) already; without a padding token it pads with EOS (the
+    attention mask still marks the real EOS)."""
+    ends = {tokenizer.eos_token_id, tokenizer.sep_token_id} - {None}
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer("a")["input_ids"][-1] in ends:
+        return
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ModelLoadError(f"{name}: a decoder's tokenizer needs an eos_token, for last-token pooling to read the "
+                             "whole text")  # fmt: skip
+    from tokenizers import processors
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError(f"{name}: its tokenizer is not a fast (tokenizers) one; cannot append the EOS token")
+    starts_with_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    bos = [tokenizer.bos_token] if starts_with_bos else []  # kept where the tokenizer puts one (Llama)
+    specials = [(token, tokenizer.convert_tokens_to_ids(token)) for token in dict.fromkeys([*bos, eos])]
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join([*bos, "$A:0", eos]), pair=" ".join([*bos, "$A:0", eos, "$B:1", eos]), special_tokens=specials
+    )
 
 
 def _simcse_mlp(dim: int, mlp_only_train: bool) -> Dense:
