@@ -29,6 +29,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import ExitStack
@@ -235,7 +236,7 @@ def run_one(args: argparse.Namespace, problem: str, method: str, seed: int) -> d
     batch = args.m if method == "full_batch" else BATCH
     steps = round(args.epochs * args.m / BATCH)  # the full-batch run takes as many steps as the batch-4 runs
     argv = [*PROBLEMS[problem], *COMMON, *METHODS[method], "--per_device_train_batch_size", str(batch),
-            "--max_steps", str(steps), "--logging_steps", str(args.every), "--seed", str(seed),
+            "--max_steps", str(steps), "--logging_steps", str(max(1, args.every // 25)), "--seed", str(seed),
             "--output_dir", str(folder)]  # fmt: skip
     if args.learning_rate is not None:
         argv += ["--learning_rate", repr(args.learning_rate)]
@@ -257,10 +258,13 @@ def run_one(args: argparse.Namespace, problem: str, method: str, seed: int) -> d
     row = {"problem": problem, "method": method, "seed": seed, "m": args.m, "steps": result.state.step,
            "seconds": round(seconds, 1), "estimator": result_estimator(config), "L_floor": floor_of(args.m, probe),
            **final_scores(args, config, probe)}  # fmt: skip
-    logged = {r["step"]: r for r in read_log(folder) if "loss" in r}
-    for point in probe.trace:  # EMC²'s acceptance and encoded fraction over the steps before this point
-        extra = logged.get(point["step"], {})
-        point.update({k: extra[k] for k in ("emc2_acceptance", "emc2_encoded") if k in extra})
+    logged, previous = [r for r in read_log(folder) if "loss" in r], -1
+    for point in probe.trace:  # EMC²'s acceptance and encoded fraction: the mean over the steps since the last point
+        window = [r for r in logged if previous < r["step"] <= point["step"]]
+        for key in ("emc2_acceptance", "emc2_encoded"):
+            if any(key in r for r in window):
+                point[key] = statistics.fmean(r[key] for r in window if key in r)
+        previous = point["step"]
     row["trace"] = probe.trace
     write_text_atomically(folder / "bench_row.json", json.dumps(row))
     return row
