@@ -3,6 +3,7 @@
     python scripts/bench_step.py                          # packaged MiniLM, batch 32, 32 tokens, fp32
     python scripts/bench_step.py --batch_size 64 --steps 20 --losses infonce flatnce emc2 sogclr
     python scripts/bench_step.py --model bert-base-uncased --mixed_precision bf16   # on a GPU
+    python scripts/bench_step.py --losses infonce emc2 --emc2_estimators refresh stored   # EMC²'s two estimators
 
 Every contender trains the same model on the same sentences (unsupervised: each sentence is its own positive),
 at the same batch size, sequence length and precision. Each run trains ``--warmup`` steps, then ``--steps``
@@ -32,16 +33,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--losses", nargs="+", default=["infonce", "flatnce"])
+    parser.add_argument("--emc2_estimators", nargs="+", default=["refresh"],
+                        help="emc2 is timed once per estimator (refresh | stored), with the fraction of anchors encoded")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--skip_sentence_transformers", action="store_true")
     return parser.parse_args()
 
 
-def time_simcse_flat(args: argparse.Namespace, loss: str, output_dir: Path, *extra: str) -> float:
+def time_simcse_flat(args: argparse.Namespace, loss: str, output_dir: Path, *extra: str,
+                     metrics: dict | None = None) -> float:  # fmt: skip
     """Seconds per optimizer step of ``simcse_flat.trainer.train``, over the steps after the warm-up.
 
     ``args`` brings the model, data, batch size, length, precision, warm-up and timed steps; ``extra`` more
-    training flags (``scripts/bench_grad_cache.py`` adds its chunk size)."""
+    training flags (``scripts/bench_grad_cache.py`` adds its chunk size). ``metrics``, if given, gets the mean of
+    EMC²'s ``emc2_encoded`` (fraction of anchors whose chain negative was encoded) over the timed steps."""
     from simcse_flat.config import parse_config
     from simcse_flat.trainer import train
 
@@ -52,8 +57,10 @@ def time_simcse_flat(args: argparse.Namespace, loss: str, output_dir: Path, *ext
         "--save_steps", "0", "--report_to", "none", "--mixed_precision", args.mixed_precision,
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--learning_rate", "1e-5", *extra,
     ])  # fmt: skip
-    rows = [r for r in train(config).history if "seconds_per_step" in r]
-    return statistics.fmean(r["seconds_per_step"] for r in rows[args.warmup :])
+    rows = [r for r in train(config).history if "seconds_per_step" in r][args.warmup :]
+    if metrics is not None and rows and "emc2_encoded" in rows[0]:
+        metrics["encoded"] = statistics.fmean(r["emc2_encoded"] for r in rows)
+    return statistics.fmean(r["seconds_per_step"] for r in rows)
 
 
 def time_sentence_transformers(args: argparse.Namespace, workdir: Path) -> float:
@@ -106,6 +113,15 @@ def time_sentence_transformers(args: argparse.Namespace, workdir: Path) -> float
     return statistics.fmean(gaps[args.warmup :])
 
 
+def contenders(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """Each loss with its extra flags: emc2 once per ``--emc2_estimators``."""
+    out: list[tuple[str, list[str]]] = []
+    for loss in args.losses:
+        estimators = args.emc2_estimators if loss == "emc2" else []
+        out += [(loss, ["--emc2_estimator", e]) for e in estimators] or [(loss, [])]
+    return out
+
+
 def _cuda() -> bool:
     import torch
 
@@ -118,11 +134,15 @@ def main() -> None:
 
     quiet_transformers()
     results: dict[str, list[float]] = {}
+    encoded: dict[str, list[float | None]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits every contender alike
-            for loss in args.losses:
-                seconds = time_simcse_flat(args, loss, Path(tmp) / f"simcse_flat_{loss}")
-                results.setdefault(f"simcse_flat/{loss}", []).append(seconds)
+            for loss, extra in contenders(args):
+                name = f"simcse_flat/{loss}" + (f" ({extra[1]})" if extra else "")
+                metrics: dict = {}
+                seconds = time_simcse_flat(args, loss, Path(tmp) / f"simcse_flat_{loss}", *extra, metrics=metrics)
+                results.setdefault(name, []).append(seconds)
+                encoded.setdefault(name, []).append(metrics.get("encoded"))
             if not args.skip_sentence_transformers:
                 results.setdefault("sentence-transformers/MNRL", []).append(time_sentence_transformers(args, Path(tmp)))
     median = {name: statistics.median(times) for name, times in results.items()}
@@ -130,11 +150,13 @@ def main() -> None:
     st = median.get("sentence-transformers/MNRL")
     print(f"\nmodel {args.model}, batch {args.batch_size}, {args.max_seq_length} tokens, precision {args.mixed_precision}, "
           f"device {'cuda' if _cuda() else 'cpu'}, {args.steps} timed steps x {args.repeats} runs")  # fmt: skip
-    print(f"{'trainer/loss':32s} {'s/step':>8s} {'vs ST':>7s} {'vs InfoNCE':>11s}")
+    print(f"{'trainer/loss':32s} {'s/step':>8s} {'vs ST':>7s} {'vs InfoNCE':>11s} {'encoded':>8s}")
     for name, seconds in median.items():
         vs_st = f"{seconds / st:.3f}x" if st else "-"
         vs_info = f"{seconds / infonce - 1:+.1%}" if infonce and name.startswith("simcse_flat") else "-"
-        print(f"{name:32s} {seconds:8.3f} {vs_st:>7s} {vs_info:>11s}")
+        shares = [e for e in encoded.get(name, []) if e is not None]
+        share = f"{statistics.fmean(shares):.3f}" if shares else "-"
+        print(f"{name:32s} {seconds:8.3f} {vs_st:>7s} {vs_info:>11s} {share:>8s}")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,13 @@ class LossArguments:
         metadata={"help": "EMC²: re-encode each chain's negative every step (exact gradient, one more forward of B "
                   "rows); off: anchors whose negative is not in the batch are skipped (cheaper, biased)."},
     )
+    emc2_estimator: str = field(
+        default="refresh",
+        metadata={"help": "EMC², with emc2_refresh_negatives: refresh (every chain's negative re-encoded before the "
+                  "step, its fresh score in the MH test) | stored (the official code: the MH test reads the stored "
+                  "score; only out-of-batch states held past the burn-in are encoded, after the step). "
+                  "docs/benchmarks.md, the global loss measured exactly."},
+    )
 
 
 @dataclass

@@ -183,3 +183,8 @@ def _validate_loss_choices(loss: LossArguments) -> None:
     check_choice("emc2_kernel", loss.emc2_kernel, KERNELS)
     if loss.emc2_proposals is not None and loss.emc2_kernel != "paper":
         raise ConfigError("emc2_proposals sets the paper kernel's proposals; add emc2_kernel: paper")
+    check_choice("emc2_estimator", loss.emc2_estimator, ("refresh", "stored"))
+    if loss.emc2_estimator != "refresh" and not loss.emc2_refresh_negatives:
+        raise ConfigError(
+            f"emc2_estimator {loss.emc2_estimator} encodes chain negatives: it needs emc2_refresh_negatives true"
+        )

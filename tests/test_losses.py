@@ -177,7 +177,7 @@ def test_config_dicts_hold_every_setting_the_model_card_shows():
     assert build_loss("dcl").get_config_dict() == {"loss": "dcl", **defaults}  # no weight_sigma: plain DCL
     assert build_loss("sogclr", dataset_size=4).get_config_dict() == {"loss": "sogclr", **defaults, "gamma": 0.9}
     assert build_loss("emc2", dataset_size=4, seed=7).get_config_dict() == {
-        "loss": "emc2", **defaults, "seed": 7, "kernel": "official_scan"  # the default kernel has no proposal count
+        "loss": "emc2", **defaults, "seed": 7, "kernel": "official_scan", "estimator": "refresh"  # no proposal count
     }
     settings = {"temperature": 0.1, "hard_negative_weight": 0.3}
     for name in LOSSES:

@@ -14,6 +14,7 @@ from .base import ContrastiveLoss, logit_metrics, negative_logsumexp, positive_l
 from .emc2_chains import McmcNegativeSampler
 
 KERNELS = ("paper", "official_scan")
+ESTIMATORS = ("refresh", "stored")
 
 
 class EMC2Loss(ContrastiveLoss):
@@ -106,12 +107,19 @@ class EMC2Loss(ContrastiveLoss):
         refresh_negatives: re-encode each chain's negative every step (the exact estimator above; one more forward
             pass of ``B`` samples); ``False``: :meth:`inputs_for_step` asks for no pass, and only anchors whose
             negative is in the batch are used (cheaper, biased).
+        estimator: with ``refresh_negatives``, which chain negatives are encoded and which score the MH test reads:
+            ``refresh`` (every chain's negative encoded before the step, its fresh score in the MH test) or
+            ``stored`` (the official code's ``main_mcmc.py``: the MH test reads the score stored when the state was
+            last seen, and after the step only the anchors whose out-of-batch start is still held in the recorded
+            part of the step, ``freq > mcmc_burn_in``, are encoded for the gradient; ``emc2_encoded`` reports the
+            fraction). ``docs/benchmarks.md`` ("The global loss, measured exactly") measures both.
         rank, world_size: see :class:`~simcse_flat.losses.base.ContrastiveLoss`; the sampler is handed the same.
 
     Inputs: ``anchor_ids`` and ``candidate_ids`` (data-set indices) are required; ``chain_negatives`` is optional
     (the loop hands it over through :meth:`inputs_for_step`, the one hook between a loss and the loop).
     Metrics: ``emc2_acceptance`` (fraction of proposals accepted), ``emc2_used`` (fraction of anchors in
-    :math:`A`), ``emc2_negative_logit`` (mean :math:`s(x_i, Z_i)` over :math:`A`).
+    :math:`A`), ``emc2_negative_logit`` (mean :math:`s(x_i, Z_i)` over :math:`A`), ``emc2_encoded`` (fraction of
+    anchors whose chain negative was encoded this call: 1 for ``refresh``).
 
     Relations: :meth:`global_loss` over the whole data set as one batch is :class:`FlatNCELoss` (= DCL) on that
     batch: :math:`D_i` leaves the positive out, so InfoNCE of the same batch is
@@ -122,7 +130,8 @@ class EMC2Loss(ContrastiveLoss):
     name = "emc2"
     needs_dataset_size = True
     seeded = True
-    settings = {"proposals": "emc2_proposals", "kernel": "emc2_kernel", "refresh_negatives": "emc2_refresh_negatives"}
+    settings = {"proposals": "emc2_proposals", "kernel": "emc2_kernel", "refresh_negatives": "emc2_refresh_negatives",
+                "estimator": "emc2_estimator"}
     citation = """@inproceedings{yau2024emc2,
   title={{EMC}$^2$: Efficient {MCMC} Negative Sampling for Contrastive Learning with Global Convergence},
   author={Yau, Chung-Yiu and Wai, Hoi-To and Raman, Parameswaran and Sarkar, Soumajyoti and Hong, Mingyi},
@@ -139,6 +148,7 @@ class EMC2Loss(ContrastiveLoss):
         proposals: int | None = None,
         kernel: str = "official_scan",
         refresh_negatives: bool = True,
+        estimator: str = "refresh",
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -149,7 +159,12 @@ class EMC2Loss(ContrastiveLoss):
             raise ValueError(f"EMC² kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel != "paper" and proposals not in (None, 1):
             raise ValueError(f"proposals is the paper kernel's; the {kernel} kernel offers every column once")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"EMC² estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if estimator != "refresh" and not refresh_negatives:
+            raise ValueError(f"the {estimator} estimator encodes chain negatives: it needs refresh_negatives")
         self.sampler = McmcNegativeSampler(dataset_size, seed, rank, world_size)
+        self.estimator = estimator
         self.proposals = proposals or 1
         self.kernel = kernel
         self.refresh_negatives = refresh_negatives
@@ -158,6 +173,8 @@ class EMC2Loss(ContrastiveLoss):
         config = {**super().get_config_dict(), "seed": self.sampler.seed, "kernel": self.kernel}
         if not self.refresh_negatives:  # the cheaper, biased estimator: a card must say so
             config["refresh_negatives"] = False
+        else:
+            config["estimator"] = self.estimator
         return {**config, "proposals": self.proposals} if self.kernel == "paper" else config
 
     def forward(
@@ -167,13 +184,17 @@ class EMC2Loss(ContrastiveLoss):
         positive_index: Tensor,
         *,
         chain_negatives: Tensor | Callable[[Tensor], Tensor] | None = None,
+        encode_held: Callable[[Tensor], Tensor] | None = None,
         **inputs,
     ) -> tuple[Tensor, dict]:
         """``chain_negatives``: each anchor's chain negative freshly encoded, ``(B, D)``, or a function of
-        ``anchor_ids`` giving it (:meth:`inputs_for_step`); optional, see above."""
+        ``anchor_ids`` giving it (:meth:`inputs_for_step`); optional, see above. ``encode_held`` (the ``stored``
+        estimator): the loop's encoder of states, called after the MH step on the starts still held."""
         if callable(chain_negatives):
             chain_negatives = chain_negatives(inputs["anchor_ids"])
         chain_logits = None if chain_negatives is None else self.paired_logits(anchors, chain_negatives)
+        if encode_held is not None:  # (rows, states) -> their (len(rows),) logits, encoded with gradient
+            chain_logits = lambda rows, states: self.paired_logits(anchors[rows], encode_held(states))  # noqa: E731
         # the target p_i is the unbiased global softmax: the MH scores and the estimate never see
         # hard_negative_weight; only the reported metrics do, from the logits as SimCSE biases them
         hard_negative_index = inputs.pop("hard_negative_index", None)
@@ -186,8 +207,13 @@ class EMC2Loss(ContrastiveLoss):
         return loss, metrics
 
     def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
-        """The loop's encoder, to re-encode each anchor's chain negative once a step (:class:`ChainNegatives`)."""
-        return {"chain_negatives": ChainNegatives(self.sampler, encode_samples)} if self.refresh_negatives else {}
+        """The loop's encoder, to re-encode each anchor's chain negative once a step (:class:`ChainNegatives`), or
+        (``stored``) only the held starts, after the MH step."""
+        if not self.refresh_negatives:
+            return {}
+        if self.estimator == "stored":
+            return {"encode_held": encode_samples}
+        return {"chain_negatives": ChainNegatives(self.sampler, encode_samples)}
 
     def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None, chain_logits=None):
         return self._estimate(logits, positive_index, anchor_ids, candidate_ids, chain_logits)
@@ -219,10 +245,14 @@ class EMC2Loss(ContrastiveLoss):
         own_hard = self.sampler.dataset_size + anchor_ids  # each anchor's own hard negative, always in its batch
         correction = self._own_hard_negative_correction(candidate_ids)
         mh_scores = logits.detach() - correction * (states[None, :] == own_hard[:, None])
-        fresh = None
-        if chain_logits is not None:
-            fresh = chain_logits.detach() - correction * (self.sampler.negative_ids[anchor_ids] == own_hard)
+        # the chains' states before the step (clamped: a bad id is refused by the step, with its message)
+        fresh, start = None, self.sampler.negative_ids[anchor_ids.clamp(0, self.sampler.dataset_size - 1)].clone()
+        if torch.is_tensor(chain_logits):
+            fresh = chain_logits.detach() - correction * (start == own_hard)
         step = self.sampler.step(mh_scores, proposable, anchor_ids, states, fresh, self.proposals, self.kernel)
+        encoded = torch.full((), float(chain_logits is not None), device=logits.device)
+        if callable(chain_logits):  # stored: encode only the out-of-batch starts held past the burn-in
+            chain_logits, encoded = held_start_logits(step, start, chain_logits)
         negative, used = self._chain_negative_logits(logits, step, anchor_ids, chain_logits)
         per_anchor = torch.where(used, negative - positive_logits(logits, positive_index), 0.0)
         # mean over the used anchors of *all* processes; DDP's average over processes undoes the factor W
@@ -232,6 +262,7 @@ class EMC2Loss(ContrastiveLoss):
             "emc2_acceptance": step.acceptance,
             "emc2_used": used.float().mean(),
             "emc2_negative_logit": torch.where(used, negative.detach(), 0.0).sum() / used.sum().clamp(min=1),
+            "emc2_encoded": encoded,
         }
 
     def _own_hard_negative_correction(self, candidate_ids: Tensor) -> float:
@@ -250,6 +281,18 @@ class EMC2Loss(ContrastiveLoss):
             return negative, outside == 0
         # the chain's start, when out of the batch, was encoded by the caller; only a chain never started has none
         return negative + outside * chain_logits, self.sampler.negative_ids[anchor_ids] >= 0
+
+
+def held_start_logits(step, start: Tensor, encode_logits: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The ``stored`` estimator's chain logits: ``(B,)``, with gradient on the anchors whose start state (out of
+    the batch, ``start`` its id) holds weight in the recorded part of the step, 0 elsewhere (weight 0 there); and
+    the fraction of anchors encoded. No anchor needs it: no forward pass."""
+    need = (step.weights[:, -1] > 0) & (start >= 0)
+    rows = need.nonzero().squeeze(1)
+    logits = torch.zeros(start.numel(), device=start.device)
+    if rows.numel():
+        logits = logits.index_put((rows,), encode_logits(rows, start[rows]).float())
+    return logits, need.float().mean()
 
 
 class ChainNegatives:
