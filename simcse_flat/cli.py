@@ -21,9 +21,11 @@ def quiet_transformers() -> None:
 def run_cli(main: Callable[[], object]) -> int:
     """Run ``main``; print ``error: ...`` for bad input (set ``SIMCSE_FLAT_DEBUG=1`` for the traceback)."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    quiet_transformers()
+    import datasets  # noqa: F401 - its import installs its handler, as transformers' does huggingface_hub's
+
     for name in ("huggingface_hub", "datasets"):  # they print through their own handler: not twice
         logging.getLogger(name).propagate = not logging.getLogger(name).handlers
-    quiet_transformers()
     try:
         main()
     except USER_ERRORS as err:

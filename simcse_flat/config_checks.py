@@ -158,8 +158,8 @@ def _check_lora(config: RunConfig) -> None:
         return
     if model.modality != "text":
         raise ConfigError("lora_r applies to text models (transformers layers): set lora_r: 0 for vision")
-    _check_range("lora_alpha", model.lora_alpha, low=0.0)
-    _check_range("lora_dropout", model.lora_dropout, low=0.0, high=1.0, inclusive=True)
+    check_range("lora_alpha", model.lora_alpha, low=0.0)
+    check_range("lora_dropout", model.lora_dropout, low=0.0, high=1.0, inclusive=True)
     import importlib.util
 
     if importlib.util.find_spec("peft") is None:
