@@ -25,6 +25,16 @@ def test_seed_summary_gives_mean_and_sample_deviation_per_loss():
     assert table[3] == "| flatnce_b4 | 1 | 81.50 |"
 
 
+def _tiny_config(tmp_path: Path, tiny_bert, settings: str) -> Path:
+    """A yaml training the tiny BERT on 20 short sentences at batch 4, lr 1e-3, with ``settings`` added."""
+    sentences = tmp_path / "train.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i : i + 5]) for i in range(0, 60, 3)) + "\n")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model_name_or_path: {tiny_bert}\npooler: mean\ntrain_file: {sentences}\n"
+                      f"per_device_train_batch_size: 4\nlearning_rate: 1.0e-3\nsave_steps: 0\nseed: 5\n{settings}")  # fmt: skip
+    return config
+
+
 def test_text_rows_match_evaluate_sts_and_a_rerun_reads_finished_runs_back(tiny_bert, tmp_path, capsys):
     import shutil
 
@@ -33,14 +43,8 @@ def test_text_rows_match_evaluate_sts_and_a_rerun_reads_finished_runs_back(tiny_
     from simcse_flat.run_folder import read_log
 
     script = load_script("compare_losses")
-    sentences = tmp_path / "train.txt"
-    sentences.write_text("\n".join(" ".join(WORDS[i : i + 5]) for i in range(0, 60, 3)) + "\n")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        f"model_name_or_path: {tiny_bert}\npooler: mean\ntrain_file: {sentences}\nper_device_train_batch_size: 4\n"
-        f"learning_rate: 1.0e-3\nmax_steps: 3\neval_steps: 2\neval_tasks: [stsb]\neval_split: dev\n"
-        f"eval_data_dir: {SENTEVAL_SAMPLE}\nsave_steps: 0\nseed: 5\n"
-    )
+    config = _tiny_config(tmp_path, tiny_bert, "max_steps: 3\neval_steps: 2\neval_tasks: [stsb]\neval_split: dev\n"
+                          f"eval_data_dir: {SENTEVAL_SAMPLE}\n")  # fmt: skip
     test_dir = tmp_path / "senteval"  # the STS-B dev sample standing in for a test set
     (test_dir / "STS" / "STSBenchmark").mkdir(parents=True)
     stsb_dir = Path("STS") / "STSBenchmark"
@@ -77,13 +81,7 @@ def test_a_sweep_scales_the_learning_rate_once_by_the_trainers_rule(tiny_bert, t
     from simcse_flat.optim import scaled_learning_rate
 
     script = load_script("compare_losses")
-    sentences = tmp_path / "train.txt"
-    sentences.write_text("\n".join(" ".join(WORDS[i : i + 5]) for i in range(0, 60, 3)) + "\n")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        f"model_name_or_path: {tiny_bert}\npooler: mean\ntrain_file: {sentences}\nper_device_train_batch_size: 4\n"
-        f"learning_rate: 1.0e-3\nlr_scaling: {config_scaling}\nmax_steps: 1\nsave_steps: 0\nseed: 5\n"
-    )
+    config = _tiny_config(tmp_path, tiny_bert, f"lr_scaling: {config_scaling}\nmax_steps: 1\n")
     trained_at = {}
     for batch in (4, 16):  # one command a batch size: no plot (these runs do not evaluate)
         script.main(["--config", str(config), "--losses", "infonce", "--output_dir", str(tmp_path / "c"),
