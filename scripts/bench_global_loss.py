@@ -178,16 +178,19 @@ class Probe:
         self.problem, self.m, self.every, self.grad_every, self.chunk_size = problem, m, every, grad_every, chunk_size
         self.steps, self.trace = 0, []
 
-    def patches(self) -> ExitStack:
+    def patches(self, config) -> ExitStack:
+        """The builders the trainer calls, each wrapped to keep what it built: the modality's ``build`` (on its
+        class, so the trainer's call still passes the modality), the loss's and the optimizer's."""
         stack = ExitStack()
-        for name, wrap in (("build_parts", self._parts), ("build_loss_from_settings", self._loss),
-                           ("build_optimizer", self._optimizer)):  # fmt: skip
-            real = getattr(trainer, name)
-            stack.enter_context(mock.patch.object(trainer, name, lambda *a, _r=real, _w=wrap, **k: _w(_r(*a, **k))))
+        for owner, name, wrap in ((type(config.modality), "build", self._parts),
+                                  (trainer, "build_loss_from_settings", self._loss),
+                                  (trainer, "build_optimizer", self._optimizer)):  # fmt: skip
+            real = getattr(owner, name)
+            stack.enter_context(mock.patch.object(owner, name, lambda *a, _r=real, _w=wrap, **k: _w(_r(*a, **k))))
         return stack
 
     def _parts(self, parts):
-        if self.problem == "vision":
+        if self.problem in RANDOM_VIEWS:  # augmented views: drawn once, so the problem is finite
             parts.dataset = FixedViews(parts.dataset, self.m)
         self.parts = parts
         self.table = parts.collate_fn([parts.dataset[i] for i in range(len(parts.dataset))])
@@ -240,24 +243,16 @@ def run_one(args: argparse.Namespace, problem: str, method: str, seed: int) -> d
             "--output_dir", str(folder)]  # fmt: skip
     if args.learning_rate is not None:
         argv += ["--learning_rate", repr(args.learning_rate)]
-    if problem == "text":
-        argv += ["--train_file", str(text_pairs(args.data_dir / "nli" / "snli_triples.csv", args.m,
-                                                args.output_dir / f"snli_pairs_m{args.m}.csv"))]  # fmt: skip
-        argv += ["--eval_data_dir", str(args.data_dir / "senteval")]
-    else:
-        argv += ["--data_root", str(args.data_dir / "vision" / "fashion-mnist")]
-        if method == "full_batch":  # the exact gradient in the memory of a chunk
-            argv += ["--grad_cache_chunk_size", str(args.chunk_size)]
-    config = parse_config(argv)
+    config = parse_config(argv + DATA_FLAGS[problem](args, method))
     probe = Probe(problem, args.m, args.every, args.grad_every, args.chunk_size)
     start = time.perf_counter()
-    with probe.patches():
+    with probe.patches(config):
         result = trainer.train(config)
     probe.measure(with_gradient=False)  # θ after the last step
     seconds = time.perf_counter() - start
     row = {"problem": problem, "method": method, "seed": seed, "m": args.m, "steps": result.state.step,
            "seconds": round(seconds, 1), "estimator": result_estimator(config), "L_floor": floor_of(args.m, probe),
-           **final_scores(args, config, probe)}  # fmt: skip
+           **FINAL_SCORES[problem](args, config, probe)}  # fmt: skip
     logged, previous = [r for r in read_log(folder) if "loss" in r], -1
     for point in probe.trace:  # EMC²'s acceptance and encoded fraction: the mean over the steps since the last point
         window = [r for r in logged if previous < r["step"] <= point["step"]]
@@ -282,19 +277,40 @@ def result_estimator(config) -> str:
     return f"{loss.emc2_kernel}/{loss.emc2_estimator}" if loss.loss == "emc2" else ""
 
 
-def final_scores(args: argparse.Namespace, config, probe: Probe) -> dict:
-    """STS-B dev Spearman x 100 (text) or linear probe / kNN accuracy on the test set (vision) of the final model."""
-    model = probe.parts.model.eval()
-    if probe.problem == "text":
-        from simcse_flat.evaluation.sts import evaluate_sts, load_sts_tasks
+def text_data_flags(args: argparse.Namespace, method: str) -> list[str]:
+    """The text problem's data: the first ``m`` SNLI pairs, STS-B dev for the final score."""
+    target = args.output_dir / f"snli_pairs_m{args.m}.csv"
+    pairs = text_pairs(args.data_dir / "nli" / "snli_triples.csv", args.m, target)
+    return ["--train_file", str(pairs), "--eval_data_dir", str(args.data_dir / "senteval")]
 
-        tasks = load_sts_tasks(["stsb"], args.data_dir / "senteval", "dev")
-        return {"stsb_dev": evaluate_sts(model.encode, tasks=tasks)["stsb_spearman"]}
+
+def vision_data_flags(args: argparse.Namespace, method: str) -> list[str]:
+    """The vision problem's data: Fashion-MNIST; the full-batch run gets the exact gradient in a chunk's memory."""
+    flags = ["--data_root", str(args.data_dir / "vision" / "fashion-mnist")]
+    return flags + (["--grad_cache_chunk_size", str(args.chunk_size)] if method == "full_batch" else [])
+
+
+def text_final_scores(args: argparse.Namespace, config, probe: Probe) -> dict:
+    """STS-B dev Spearman x 100 of the final model."""
+    from simcse_flat.evaluation.sts import evaluate_sts, load_sts_tasks
+
+    tasks = load_sts_tasks(["stsb"], args.data_dir / "senteval", "dev")
+    return {"stsb_dev": evaluate_sts(probe.parts.model.eval().encode, tasks=tasks)["stsb_spearman"]}
+
+
+def vision_final_scores(args: argparse.Namespace, config, probe: Probe) -> dict:
+    """Linear probe and kNN accuracy on the test set of the final model."""
     from simcse_flat.vision import evaluate_encoder
 
-    scores = evaluate_encoder(model, config.vision.vision_dataset, config.vision.data_root,
+    scores = evaluate_encoder(probe.parts.model.eval(), config.settings.vision_dataset, config.settings.data_root,
                               max_train=args.probe_train, max_test=args.probe_test)  # fmt: skip
     return {"linear": scores["linear_accuracy"], "knn": scores["knn_accuracy"]}
+
+
+# each problem's data flags and final scores; the problems whose views are random augmentations
+DATA_FLAGS = {"text": text_data_flags, "vision": vision_data_flags}
+FINAL_SCORES = {"text": text_final_scores, "vision": vision_final_scores}
+RANDOM_VIEWS = {"vision"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

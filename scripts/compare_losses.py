@@ -57,7 +57,6 @@ from pathlib import Path
 from simcse_flat.cli import quiet_transformers, run_cli
 from simcse_flat.config import parse_config
 from simcse_flat.evaluation import TASK_NAMES, StsTask, load_sts_tasks
-from simcse_flat.modalities import final_model_scores, primary_metric, untrained_scores
 from simcse_flat.optim import LR_SCALINGS, configured_learning_rate, scaled_learning_rate
 from simcse_flat.run_folder import read_log, write_text_atomically
 from simcse_flat.trainer import train
@@ -122,7 +121,7 @@ def run_one(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, f
     log = read_log(result.output_dir)  # the whole run, across resumes
     evals = [row for row in log if any(k.startswith("eval/") for k in row)]
     train_rows = [row for row in log if "loss" in row]
-    primary = f"eval/{primary_metric(config)}"
+    primary = f"eval/{config.modality.primary_metric(config)}"
     args = config.training
     step_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # one process
     row = {
@@ -143,7 +142,7 @@ def run_one(sweep: Sweep, loss: str, batch_size: int | None, seed: int | None, f
         "seconds": training_seconds(train_rows),
         "wall_seconds": time.perf_counter() - start,  # this sitting's: training, evaluations, saving
     }
-    row.update(final_model_scores(config, result.final_model, sweep.probe, sweep.test_tasks))
+    row.update(config.modality.final_scores(config, result.final_model, sweep.probe, sweep.test_tasks))
     row["peak_memory_mb"] = peak_memory_mb()
     write_text_atomically(output_dir / ROW_FILE, json.dumps(row))
     return row
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   args.lr_scaling or training.lr_scaling, base_batch, base_lr, training.lr_scaling,
                   training.gradient_accumulation_steps)  # fmt: skip
     tune_seed = args.tune_seed if args.tune_seed is not None else args.seeds[0]
-    untrained = untrained_scores(baseline, probe)
+    untrained = baseline.modality.untrained_scores(baseline, probe)
     rows = [{"run": "untrained", **untrained}] if untrained is not None else []
     chosen = {}
     for loss in args.losses:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from simcse_flat.cli import run_cli
-from simcse_flat.config import ConfigError, VisionArguments
+from simcse_flat.config import ConfigError
+from simcse_flat.modalities import VisionArguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

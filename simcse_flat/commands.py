@@ -14,7 +14,8 @@ import torch
 
 from .cli import run_cli
 from .evaluation import TASK_NAMES, evaluate_sts, format_sts_table, load_sts_tasks
-from .models.text import POOLERS, SentenceEncoder
+from .models.poolers import POOLERS
+from .models.text import SentenceEncoder
 
 EVALUATE_STS_HELP = """Evaluate a sentence encoder on STS: cosine Spearman x 100, SentEval-compatible.
 

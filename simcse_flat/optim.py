@@ -25,6 +25,11 @@ from .config import TrainerArguments
 MOMENTUM = 0.9  # SimCLR, FlatCLR and MoCo all use 0.9 for SGD and LARS
 OPTIMIZERS = ("adamw", "sgd", "lars")
 LR_SCALINGS = {"none": "lr", "linear": "lr · B / 256", "sqrt": "lr · √B"}  # the table above
+# transformers' SchedulerType values, which get_scheduler takes: named here, because importing transformers'
+# trainer_utils (where the enum lives) imports peft and, through it, torchvision (tests/test_config.py compares them)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")  # fmt: skip
 
 
 def scaled_learning_rate(base_lr: float, global_batch: int, scaling: str) -> float:

@@ -43,10 +43,9 @@ from .config import RunConfig
 from .data.batching import SourceBatchSampler
 from .data.text import DataError
 from .errors import USER_ERRORS, TrainingDiverged
-from .export import RunSummary, hub_id_of, portable_config
+from .export import RunSummary, portable_config
 from .grad_cache import GradCache
 from .losses import build_loss_from_settings
-from .modalities import build_parts, expected_weights_bytes
 from .optim import build_optimizer
 from .run_folder import (
     LOG_FILE,
@@ -98,7 +97,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     on_main(accelerator, lambda: _claim_output_dir(config, lock))
 
     # ---- model, data, loss --------------------------------------------------------------------------------------
-    parts = build_parts(config, evaluate=evaluator is None)  # the caller's evaluator, else the modality's
+    parts = config.modality.build(config, evaluate=evaluator is None)  # the caller's evaluator, else the modality's
     encoder, dataset = parts.model, parts.dataset
     evaluator = evaluator if evaluator is not None else parts.evaluator
     world_batch = args.per_device_train_batch_size * accelerator.num_processes
@@ -178,7 +177,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     finite = _Finiteness(accelerator.device)
 
     def export_best(model, results: dict) -> None:  # best/: the weights and the card of its own evaluation
-        parts.export(model, output_dir / "best", overwrite=True, summary=_run_summary(config, loss_fn, state.step, results))
+        config.modality.export(model, output_dir / "best", overwrite=True,
+                               summary=_run_summary(config, parts, loss_fn, state.step, results))
 
     last_eval: dict | None = None
     if evaluating and state.step == 0:  # the starting point, for the before/after line; never "best"
@@ -254,8 +254,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
     final = output_dir / "final"
     if accelerator.is_main_process:  # final/ is this run's own
-        summary = _run_summary(config, loss_fn, state.step, last_eval)
-        parts.export(accelerator.unwrap_model(encoder), final, overwrite=True, summary=summary)
+        summary = _run_summary(config, parts, loss_fn, state.step, last_eval)
+        config.modality.export(accelerator.unwrap_model(encoder), final, overwrite=True, summary=summary)
         if evaluating and state.best_step is not None:
             _print_before_after(accelerator, baseline, state)
     accelerator.wait_for_everyone()
@@ -290,7 +290,7 @@ def on_main(accelerator: Accelerator, work: Callable[[], object]):
 
 def _claim_output_dir(config: RunConfig, lock: RunLock) -> None:
     args = config.training
-    weights = expected_weights_bytes(config)  # weights and two Adam moments; the exact check follows once built
+    weights = config.modality.expected_weights_bytes(config)  # with two Adam moments; checked exactly once built
     preflight_output_dir(args.output_dir, 3 * weights if weights else None)
     lock.acquire()
     check_earlier_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
@@ -427,8 +427,8 @@ def _print_before_after(accelerator, baseline: dict | None, state: TrainState) -
     accelerator.print(f"{start}best {state.best_metric:.2f} at step {state.best_step} (saved in best/)")
 
 
-def _run_summary(config: RunConfig, loss_fn, steps: int, results: dict | None) -> RunSummary:
+def _run_summary(config: RunConfig, parts, loss_fn, steps: int, results: dict | None) -> RunSummary:
     """What ``best/`` and ``final/`` say about this run (their cards, ``training_config.yaml``): no path of this machine."""
     return RunSummary(portable_config(config.to_dict()), loss_fn.get_config_dict(), loss_fn.citation, steps, results,
-                      split=config.training.eval_split, base_model=hub_id_of(config.model.model_name_or_path))  # fmt: skip
+                      split=config.training.eval_split, base_model=parts.base_model)  # fmt: skip
 

@@ -1,6 +1,6 @@
 """The vision modality (SimCLR / FlatCLR): training parts for the shared loop, and trained encoders read back.
 
-``modality: vision`` makes :func:`simcse_flat.modalities.build_parts` call :func:`vision_parts`: a ResNet with a
+``modality: vision`` (:class:`simcse_flat.modalities.vision.VisionModality`) builds with :func:`vision_parts`: a ResNet with a
 projection head, two SimCLR augmentations of each image, and SimCLR's candidate set (``negatives: all_views``:
 every view against both views of every other image, 2B-2 negatives, as NT-Xent and FlatCLR). Everything else
 (losses, gather, sampler, optimizer, checkpoints) is the text path's.
@@ -10,17 +10,14 @@ every view against both views of every other image, 2B-2 negatives, as NT-Xent a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import yaml
 from torch import nn
 
-from .config import ConfigError, RunConfig, VisionArguments, check_choice
-from .config_checks import check_range
 from .data.vision import (
     DATASETS,
     MultiViewDataset,
@@ -35,31 +32,15 @@ from .distributed import world_size
 from .errors import ModelLoadError
 from .evaluation.linear_probe import extract_features, finetune_accuracy, knn_accuracy, probe_scores
 from .export import RunSummary
-from .modalities import TrainingParts
-from .models.vision import ARCHS, CONFIG_FILE, NORM_LAYERS, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
+from .modalities import TrainingParts, saved_settings
+from .modalities.vision import VisionArguments
+from .models.vision import CONFIG_FILE, WEIGHTS_FILE, VisionEncoder, VisionModelConfig
 from .run_folder import add_files_to_export
 
+if TYPE_CHECKING:
+    from .config import RunConfig
+
 TRANSFER_MODES = ("linear_eval", "finetune")
-
-
-def check_vision_settings(config: RunConfig) -> None:
-    """``modality: vision``'s settings, checked before anything loads (:func:`simcse_flat.config_checks.validate`)."""
-    vision = config.vision
-    check_choice("vision_dataset", vision.vision_dataset, tuple(DATASETS))
-    check_choice("arch", vision.arch, ARCHS)
-    check_choice("norm_layer", vision.norm_layer, NORM_LAYERS)
-    check_range("min_crop_scale", vision.min_crop_scale, low=0.0, high=1.0)
-    check_range("color_jitter_strength", vision.color_jitter_strength, low=0.0, inclusive=True)
-    sizes = {"image_size": vision.image_size, "projection_dim": vision.projection_dim,
-             "projection_hidden_dim": vision.projection_hidden_dim}  # fmt: skip
-    for key, value in sizes.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if config.training.grad_cache_chunk_size and vision.norm_layer == "batch":
-        raise ConfigError(
-            "grad_cache_chunk_size needs an encoder whose rows do not mix: batch norm would see chunk statistics "
-            "and update its running statistics twice; set norm_layer: group (or none)"
-        )
 
 
 def model_config(args: VisionArguments) -> VisionModelConfig:
@@ -79,7 +60,7 @@ def model_config(args: VisionArguments) -> VisionModelConfig:
 
 def vision_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
     """SimCLR: an untrained ResNet + head, two augmented views per image, a folder with safetensors + json."""
-    args = config.vision
+    args = config.settings
     encoder_config = model_config(args)
     images = load_images(args.vision_dataset, args.data_root, "pretrain", args.download)
     images = subset(images, config.data.max_train_samples, seed=config.training.seed)
@@ -96,7 +77,6 @@ def vision_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
         dataset=MultiViewDataset(images, augment),
         collate_fn=collate_views,
         collate_positives=collate_positive_view,
-        export=export_vision_model,
         evaluator=knn_evaluator(config) if evaluate and config.training.eval_steps > 0 else None,
         description=f"{len(images)} {args.vision_dataset} images, 2 views at {encoder_config.image_size} px, "
         f"{args.arch}{stem}",
@@ -140,8 +120,8 @@ def vision_model_card(summary: RunSummary) -> str:
 def linear_probe_scores(config: RunConfig, model: Path | None, max_train: int, max_test: int) -> dict:
     """Linear probe and kNN accuracy of a vision ``model`` folder; ``None``: the same architecture untrained."""
     torch.manual_seed(config.training.seed)
-    encoder = VisionEncoder(model_config(config.vision)) if model is None else load_encoder(model)
-    args = config.vision
+    encoder = VisionEncoder(model_config(config.settings)) if model is None else load_encoder(model)
+    args = config.settings
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scores = evaluate_encoder(encoder, args.vision_dataset, args.data_root, download=args.download,
                               max_train=max_train, max_test=max_test, device=device)  # fmt: skip
@@ -169,10 +149,10 @@ def load_encoder(path: str | Path, random_init: bool = False) -> VisionEncoder:
 
 
 def _vision_arguments(config_yaml: Path) -> VisionArguments:
-    values = yaml.safe_load(config_yaml.read_text()) or {}
-    if values.get("modality", "text") != "vision":
-        raise ModelLoadError(f"{config_yaml}: a {values.get('modality', 'text')} run, not a vision one")
-    return VisionArguments(**{f.name: values[f.name] for f in dataclasses.fields(VisionArguments) if f.name in values})
+    modality, settings = saved_settings(yaml.safe_load(config_yaml.read_text()) or {})
+    if not isinstance(settings, VisionArguments):
+        raise ModelLoadError(f"{config_yaml}: a {modality.name} run, not a vision one")
+    return settings
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------------
@@ -217,7 +197,7 @@ def knn_evaluator(config: RunConfig, max_train: int = 10_000, max_test: int = 2_
     images against ``max_train`` labelled training images. Quick, no training; ``best/`` keeps its best.
     Like the kNN monitors of InstDisc and MoCo it reads the test split: a ``best/`` it picks has seen test labels,
     so report the linear probe of ``final/``."""
-    args = config.vision
+    args = config.settings
     encoder_config = model_config(args)
     splits = labelled_splits(encoder_config, args.vision_dataset, args.data_root, args.download, max_train, max_test)
 

@@ -141,7 +141,7 @@ def test_help_groups_the_flags_by_what_they_configure_and_lists_each_once(capsys
         parse_config(["--help"])
     text = capsys.readouterr().out
     titles = [cls._argument_group_name for cls in ALL_ARGUMENTS]
-    assert [t.split()[0] for t in titles] == ["model", "data", "loss", "training", "vision"]
+    assert [t.split()[0] for t in titles] == ["modality", "model", "vision", "data", "loss", "training"]
     sections = re.split(r"^(" + "|".join(map(re.escape, titles)) + r"):$", text, flags=re.M)
     assert sections[1::2] == titles  # in this order, each once
     for title, body, cls in zip(titles, sections[2::2], ALL_ARGUMENTS):
@@ -164,3 +164,13 @@ def test_the_choices_are_the_modules_own_tuples(monkeypatch):
             parse_config([f"--{key}", "brand_new"])
         monkeypatch.setattr(module, name, (*getattr(module, name), "brand_new"))
         parse_config([f"--{key}", "brand_new"])
+
+
+def test_the_scheduler_names_are_transformers_own():
+    """The checks name transformers' schedulers without importing the module that defines them (it imports peft,
+    and through it torchvision): the copy must stay the enum's values."""
+    from transformers import SchedulerType
+
+    from simcse_flat.optim import LR_SCHEDULERS
+
+    assert LR_SCHEDULERS == tuple(t.value for t in SchedulerType)

@@ -86,12 +86,13 @@ def test_a_failed_export_leaves_the_destination_as_it_was(tmp_path):
 @pytest.mark.parametrize("case", ["file", "under_a_file", "symlink_loop", "unwritable", "disk_full"])
 def test_output_folder_problems_are_reported_before_the_model_loads(tiny_bert, tmp_path, monkeypatch, case):
     import simcse_flat.run_folder as run_folder
-    import simcse_flat.trainer as trainer
 
-    def must_not_load(config):
+    from simcse_flat.modalities.text import TextModality
+
+    def must_not_load(self, config, evaluate=True):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(trainer, "build_parts", must_not_load)
+    monkeypatch.setattr(TextModality, "build", must_not_load)
     output = tmp_path / "out"
     messages = {"file": "is a file", "under_a_file": "lies under", "symlink_loop": "leads nowhere",
                 "unwritable": "cannot write there", "disk_full": "0 MiB free, a checkpoint needs about"}  # fmt: skip
@@ -216,3 +217,21 @@ def test_check_destination_allows_new_and_empty_folders(tmp_path):
     with pytest.raises(RunFolderError, match="is not a folder"):
         (tmp_path / "f").write_text("x")
         check_destination(tmp_path / "f")
+
+
+def test_a_text_runs_saved_settings_are_the_text_modalitys_and_the_shared_ones(trained_run):
+    """``config.yaml`` (the run's, a checkpoint's, ``final/``'s ``training_config.yaml``) names the modality and
+    holds its settings, not another modality's (a text run once saved ``arch: resnet18``)."""
+    import dataclasses
+
+    import yaml
+
+    from simcse_flat.modalities import TextArguments, VisionArguments
+
+    text = {f.name for f in dataclasses.fields(TextArguments)}
+    vision = {f.name for f in dataclasses.fields(VisionArguments)}
+    for path in (trained_run / "config.yaml", trained_run / "checkpoint-2" / "config.yaml",
+                 trained_run / "final" / "training_config.yaml"):  # fmt: skip
+        saved = yaml.safe_load(path.read_text())
+        assert saved["modality"] == "text" and text <= set(saved), path
+        assert not vision & set(saved), path

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import WORDS, load_script
 
-from simcse_flat.config import DEFAULT_MODEL, ConfigError, parse_config
+from simcse_flat.config import ConfigError, parse_config
+from simcse_flat.modalities.text import DEFAULT_MODEL
 from simcse_flat.models.text import SentenceEncoder
 
 SENTEVAL_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "senteval"
@@ -63,7 +64,7 @@ def test_scratch_settings_are_checked_before_anything_loads(flags, message):
 
 
 def test_no_model_given_means_the_packaged_minilm():
-    assert parse_config([]).model.model_name_or_path == DEFAULT_MODEL
+    assert parse_config([]).settings.model_name_or_path == DEFAULT_MODEL
 
 
 @pytest.mark.slow

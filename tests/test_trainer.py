@@ -224,3 +224,32 @@ def test_weight_decay_reaches_the_weight_matrices_and_not_biases_or_norms(tiny_b
         assert moved == (matrices if decay else set()), (optim, decay)
         for name in moved:  # shrunk toward 0, not pushed anywhere else
             assert model.get_parameter(name).norm() < before[name].norm()
+
+
+def test_a_run_folder_written_with_both_modalities_settings_resumes_without_a_changed_setting(
+    tiny_bert, tmp_path, monkeypatch, capsys
+):
+    """Before the modality owned its settings, every ``config.yaml`` held vision's too (``arch: resnet18`` in a
+    text run): such a run resumes, exactly, and names no setting as changed."""
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    import simcse_flat.trainer as trainer
+    from simcse_flat.modalities import VisionArguments
+
+    full = train(_config(tiny_bert, tmp_path / "a", "--max_steps", "3", "--save_steps", "2"))
+    current = trainer._config_yaml
+    earlier = {f.name: f.default for f in dataclasses.fields(VisionArguments)}
+    monkeypatch.setattr(trainer, "_config_yaml", lambda config: current(config) + yaml.safe_dump(earlier))
+    train(_config(tiny_bert, tmp_path / "b", "--max_steps", "3", "--save_steps", "2"))
+    assert "arch" in yaml.safe_load((tmp_path / "b" / "run" / "checkpoint-2" / "config.yaml").read_text())
+    shutil.rmtree(tmp_path / "b" / "run" / "checkpoint-3")  # as if killed after step 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = train(_config(tiny_bert, tmp_path / "b", "--max_steps", "3", "--save_steps", "2",
+                            "--resume_from", "latest"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "changed since" not in out
+    assert _losses(resumed)[3] == pytest.approx(_losses(full)[3], abs=1e-6)

@@ -17,7 +17,6 @@ from simcse_flat.checkpoint import checkpoint_path
 from simcse_flat.config import parse_config
 from simcse_flat.data.batching import SourceBatchSampler
 from simcse_flat.losses import build_loss
-from simcse_flat.modalities import build_parts
 from simcse_flat.run_folder import read_log
 from simcse_flat.trainer import train
 from simcse_flat.views import contrastive_loss_on_views, split_views
@@ -100,7 +99,7 @@ def test_accumulated_gradient_is_the_mean_of_the_micro_batch_gradients(bert_with
     before, after = _parameters_by_step(config)
     step_gradient = {name: (before[name] - after[name]) / lr for name in before}  # SGD's first step: lr * g
 
-    parts = build_parts(config, evaluate=False)  # the same encoder and data, outside the trainer (no evaluator)
+    parts = config.modality.build(config, evaluate=False)  # the same encoder and data, outside the trainer (no evaluator)
     parameters = dict(parts.model.named_parameters())
     assert all(torch.equal(parameters[name], before[name]) for name in before)
     loss_fn = build_loss(config.loss.loss, temperature=config.loss.temperature)
@@ -123,7 +122,7 @@ def test_supervised_step_weights_each_anchors_own_hard_negative(bert_without_dro
     first_loss = _losses(train(config))[1]
 
     # the first step's loss by hand, from the untrained encoder's views of the first batch
-    parts = build_parts(config)
+    parts = config.modality.build(config)
     batch = parts.collate_fn([parts.dataset[i] for i in _epoch_order(16, config.training.seed)[:8]])
     batch.pop("sample_ids")
     batch.pop("sample_keys")

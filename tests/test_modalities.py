@@ -1,0 +1,107 @@
+"""The modality registry: one object a modality, the only place that asks which one a run is, no import circle."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "simcse_flat"
+REGISTRY = PACKAGE / "modalities"
+
+
+def test_parsing_a_text_yaml_imports_neither_torchvision_nor_sentence_transformers():
+    code = ("import sys\nfrom simcse_flat.config import parse_config\n"
+            "parse_config(['--config', 'configs/quickstart.yaml'])\n"
+            "print(sorted(m for m in ('torchvision', 'sentence_transformers', 'peft') if m in sys.modules))"
+            )  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# a comparison with a modality's name: `== "vision"`, `"text" !=`, `in ("text", "vision")`, `modality ==`
+_ASKS_WHICH = re.compile(
+    r"""(==|!=)\s*["'](text|vision)["']|["'](text|vision)["']\s*(==|!=)|\bin\s*[(\[{]\s*["'](text|vision)["']"""
+    r"""|modality\b[\w.]*\s*(==|!=|\b(not\s+)?in\b)"""
+)
+
+
+def _python_files_outside_the_registry() -> list[Path]:
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "scripts").glob("*.py"), ROOT / "train.py", ROOT / "evaluate_sts.py"]
+    return [path for path in files if REGISTRY not in path.parents]
+
+
+def test_no_module_outside_the_registry_asks_which_modality_a_run_is():
+    asking = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _python_files_outside_the_registry()
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if _ASKS_WHICH.search(line.split("#", 1)[0])
+    ]
+    assert asking == []
+
+
+def test_the_pattern_finds_each_way_of_asking():
+    for line in ('if config.model.modality == "vision":', "if _check_modality(config) != 'vision':",
+                 'if "text" == name:', 'if name in ("text", "vision"):', "if modality not in MODALITIES:",
+                 "return config.modality == VISION"):  # fmt: skip
+        assert _ASKS_WHICH.search(line), line
+    for line in ('modality = "vision"', "config.modality.build(config)", 'help="text | vision"'):
+        assert not _ASKS_WHICH.search(line), line
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """The package modules ``path`` imports when it is imported (not inside a function, not under TYPE_CHECKING)."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+
+    def visit(nodes):
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                visit(node.body + node.orelse + getattr(node, "finalbody", []) +
+                      [n for h in getattr(node, "handlers", []) for n in h.body])  # fmt: skip
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                name = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+                found.add(name)
+                found.update(f"{name}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    # importing a.b imports a first, unless a is the importing module's own package (being imported already)
+    parents = {".".join(name.split(".")[:i]) for name in found for i in range(1, name.count(".") + 1)}
+    own = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
+    return {name for name in found | parents if name.startswith("simcse_flat") and name not in own}
+
+
+def test_the_package_has_no_import_circle():
+    """Each module's import-time imports of the package form no cycle (config once imported config_checks, which
+    imported config, which imported the modalities, which imported vision, which imported config)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}  # fmt: skip
+    graph = {name: {m for m in _module_level_imports(path) if m in modules and m != name}
+             for name, path in modules.items()}  # fmt: skip
+    done, path = set(), []
+
+    def walk(name):
+        if name in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in done:
+            return
+        path.append(name)
+        for target in sorted(graph[name]):
+            walk(target)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        walk(name)
+    assert "noqa: E402" not in (PACKAGE / "config.py").read_text()
