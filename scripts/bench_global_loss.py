@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from global_loss_report import write_report  # noqa: E402
 
+from simcse_flat import run as run_module  # noqa: E402
 from simcse_flat import trainer  # noqa: E402
 from simcse_flat.cli import run_cli  # noqa: E402
 from simcse_flat.config import ConfigError, parse_config  # noqa: E402
@@ -179,12 +180,12 @@ class Probe:
         self.steps, self.trace = 0, []
 
     def patches(self, config) -> ExitStack:
-        """The builders the trainer calls, each wrapped to keep what it built: the modality's ``build`` (on its
-        class, so the trainer's call still passes the modality), the loss's and the optimizer's."""
+        """The builders the run calls (:func:`simcse_flat.run.build_run`), each wrapped to keep what it built: the
+        modality's ``build`` (on its class, so the call still passes the modality), the loss's and the optimizer's."""
         stack = ExitStack()
         for owner, name, wrap in ((type(config.modality), "build", self._parts),
-                                  (trainer, "build_loss_from_settings", self._loss),
-                                  (trainer, "build_optimizer", self._optimizer)):  # fmt: skip
+                                  (run_module, "build_loss_from_settings", self._loss),
+                                  (run_module, "build_optimizer", self._optimizer)):  # fmt: skip
             real = getattr(owner, name)
             stack.enter_context(mock.patch.object(owner, name, lambda *a, _r=real, _w=wrap, **k: _w(_r(*a, **k))))
         return stack

@@ -208,7 +208,7 @@ def test_weight_decay_reaches_the_weight_matrices_and_not_biases_or_norms(tiny_b
     shrinks, no bias or LayerNorm parameter moves; without weight decay nothing moves."""
     from simcse_flat.models.text import SentenceEncoder
     from simcse_flat.optim import build_optimizer
-    from simcse_flat.trainer import _param_groups
+    from simcse_flat.run import _param_groups
 
     for decay in (0.1, 0.0):
         args = _config(tiny_bert, tmp_path, "--optim", optim, "--weight_decay", str(decay)).training
@@ -236,13 +236,13 @@ def test_a_run_folder_written_with_both_modalities_settings_resumes_without_a_ch
 
     import yaml
 
-    import simcse_flat.trainer as trainer
+    import simcse_flat.run as run_module
     from simcse_flat.modalities import VisionArguments
 
     full = train(_config(tiny_bert, tmp_path / "a", "--max_steps", "3", "--save_steps", "2"))
-    current = trainer._config_yaml
+    current = run_module._config_yaml
     earlier = {f.name: f.default for f in dataclasses.fields(VisionArguments)}
-    monkeypatch.setattr(trainer, "_config_yaml", lambda config: current(config) + yaml.safe_dump(earlier))
+    monkeypatch.setattr(run_module, "_config_yaml", lambda config: current(config) + yaml.safe_dump(earlier))
     train(_config(tiny_bert, tmp_path / "b", "--max_steps", "3", "--save_steps", "2"))
     assert "arch" in yaml.safe_load((tmp_path / "b" / "run" / "checkpoint-2" / "config.yaml").read_text())
     shutil.rmtree(tmp_path / "b" / "run" / "checkpoint-3")  # as if killed after step 2

@@ -175,8 +175,9 @@ class McmcNegativeSampler(nn.Module):
 
     def _check_ids(self, anchor_ids: Tensor, candidate_ids: Tensor) -> None:
         # an id past the end would be a device-side assert on GPU; say what is wrong instead
-        low = int(torch.minimum(anchor_ids.min(), candidate_ids.min()))
-        high = int(torch.maximum(anchor_ids.max(), candidate_ids.max() - self.dataset_size))
+        low = torch.minimum(anchor_ids.min(), candidate_ids.min())
+        high = torch.maximum(anchor_ids.max(), candidate_ids.max() - self.dataset_size)
+        low, high = torch.stack([low, high]).tolist()  # one read on the host for both
         if low < 0 or high >= self.dataset_size:
             raise ValueError(f"sample ids must lie in [0, {self.dataset_size}), the data-set size; got {low}..{high}")
 
