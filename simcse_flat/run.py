@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .config import TrainerArguments
     from .losses.base import ContrastiveLoss
     from .modalities import TrainingParts
+    from .samples import SampleRequest
     from .step_metrics import Window
 
 
@@ -68,7 +69,7 @@ class Run:
     evaluator: Callable[[torch.nn.Module], dict] | None = None  # None: no evaluation
     cache: GradCache | None = None  # GradCache, when grad_cache_chunk_size asks for it
     encode: Callable[[dict], Tensor] | None = None  # the forward of a collated batch (through the cache if any)
-    encode_samples: Callable[[Tensor], Tensor] | None = None  # samples outside the batch, for a loss that asks
+    encode_samples: Callable[[SampleRequest], Tensor] | None = None  # samples outside the batch, for a loss that asks
     finite: Finiteness | None = None
     window: Window | None = None
     progress: tqdm | None = None

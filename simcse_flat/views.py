@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .distributed import gather_no_grad, gather_with_grad
 from .losses.base import ContrastiveLoss
+from .samples import SampleRequest, hard_negative_ids
 
 
 def split_views(embeddings: Tensor, batch_size: int) -> Tensor:
@@ -37,7 +38,7 @@ def contrastive_loss_on_views(
     embeddings: Tensor,
     sample_ids: Tensor,
     symmetric: bool = False,
-    encode_samples: Callable[[Tensor], Tensor] | None = None,
+    encode_samples: Callable[[SampleRequest], Tensor] | None = None,
     negatives: str = "cross_view",
     sample_keys: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -54,8 +55,8 @@ def contrastive_loss_on_views(
     3 views (SimCSE sup, ``cross_view`` only): candidates are all positives then all hard negatives; each
     anchor's own hard negative is marked so the loss can weight it.
 
-    ``encode_samples``: embeds data-set samples by id with gradient, handed to the loss's one hook
-    (:meth:`~simcse_flat.losses.base.ContrastiveLoss.inputs_for_step`; EMC² re-encodes its chain negatives).
+    ``encode_samples``: embeds a :class:`~simcse_flat.samples.SampleRequest` with gradient, handed to the loss's one
+    hook (:meth:`~simcse_flat.losses.base.ContrastiveLoss.inputs_for_step`; EMC² re-encodes its chain negatives).
 
     ``sample_keys``: each example's content key (:func:`~simcse_flat.data.text.content_key`), gathered like the ids:
     a candidate view of *another* sample with the anchor's key is a duplicate of the anchor and is masked out of
@@ -89,7 +90,7 @@ def contrastive_loss_on_views(
             raise ValueError("negatives: all_views takes two views a sample; supervised triples use cross_view")
         candidates = torch.cat(gathered[1:])  # (2*W*B, D): positives, then hard negatives
         hard_negative = own + world * batch
-        hard_ids = -1 - all_ids  # a hard negative is another sentence of its sample: ids -1 - index (losses/base.py)
+        hard_ids = hard_negative_ids(all_ids)  # a hard negative is another sentence of its sample (samples.py)
         return score(views[0], candidates, own, candidate_ids=torch.cat([all_ids, hard_ids]),
                      hard_negative_index=hard_negative, masked_blocks=1)  # fmt: skip
     if views.size(0) != 2:

@@ -21,7 +21,7 @@ from torch import nn
 from .data.vision import (
     DATASETS,
     MultiViewDataset,
-    collate_positive_view,
+    collate_one_view,
     collate_views,
     labelled_transform,
     load_images,
@@ -76,7 +76,7 @@ def vision_parts(config: RunConfig, evaluate: bool = True) -> TrainingParts:
         model=model,
         dataset=MultiViewDataset(images, augment),
         collate_fn=collate_views,
-        collate_positives=collate_positive_view,
+        collate_view=collate_one_view,
         evaluator=knn_evaluator(config) if evaluate and config.training.eval_steps > 0 else None,
         description=f"{len(images)} {args.vision_dataset} images, 2 views at {encoder_config.image_size} px, "
         f"{args.arch}{stem}",

@@ -88,6 +88,23 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return write_tiny_decoder(tmp_path_factory.mktemp("tiny_qwen2"), attention_dropout=0.1)
 
 
+def views_encoder(positives, hard_negatives=None):
+    """An ``encode_samples`` over fixed embeddings: a request's positive view of sample ``j`` is ``positives[j]``, its
+    hard negative ``hard_negatives[j]``."""
+    import torch
+
+    from simcse_flat.samples import HARD_NEGATIVE
+
+    def encode_samples(request):
+        if hard_negatives is None:
+            assert not (request.view == HARD_NEGATIVE).any(), "a hard negative asked of data without any"
+            return positives[request.ids]
+        hard = (request.view == HARD_NEGATIVE)[:, None]
+        return torch.where(hard, hard_negatives[request.ids], positives[request.ids])
+
+    return encode_samples
+
+
 def load_script(name: str):
     """``scripts/NAME.py`` as a module, so a test can call its ``main``."""
     import importlib.util

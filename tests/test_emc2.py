@@ -21,7 +21,7 @@ from simcse_flat.losses.emc2 import negative_columns
 from simcse_flat.losses.emc2_chains import McmcNegativeSampler
 from simcse_flat.views import contrastive_loss_on_views
 
-from conftest import end_worker, loopback_init_method
+from conftest import end_worker, loopback_init_method, views_encoder
 
 TAU = 0.3
 
@@ -269,9 +269,9 @@ def test_symmetric_step_encodes_chain_negatives_once_and_matches_encoding_them_f
 
     encoded_rows = []
 
-    def encode_samples(sample_ids):
-        encoded_rows.append(len(sample_ids))
-        return positives[sample_ids]
+    def encode_samples(request):
+        encoded_rows.append(len(request.ids))
+        return views_encoder(positives)(request)
 
     embeddings = torch.cat([anchors[ids], positives[ids]])  # view-major: view 0 = anchors, view 1 = positives
     loss, _ = contrastive_loss_on_views(loss_fn, embeddings, ids, symmetric=True, encode_samples=encode_samples)
@@ -443,9 +443,8 @@ def test_hard_negative_weight_biases_the_reported_metrics_only_not_the_chains_or
         loss_fn = EMC2Loss(dataset_size=m, temperature=TAU, hard_negative_weight=weight, seed=2)
         steps = []
         for _ in range(3):
-            encode = lambda states: torch.cat([positives, hard])[states]  # noqa: E731 - state m + j: hard negative j
             steps.append(contrastive_loss_on_views(loss_fn, torch.cat([anchors, positives, hard]), ids,
-                                                   encode_samples=encode))  # fmt: skip
+                                                   encode_samples=views_encoder(positives, hard)))  # fmt: skip
         return loss_fn, steps
 
     plain, plain_steps = run(0.0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from simcse_flat.losses import EMC2Loss
+from simcse_flat.samples import POSITIVE
 
 TAU = 0.01  # cos 1 -> logit 100, cos 0.5 -> 50, cos 0 -> 0
 
@@ -38,12 +39,13 @@ def test_a_chain_negative_out_of_the_batch_is_scored_by_its_fresh_encoding():
     freshly encoded, each scores 100 against its anchor. The one proposal (the other anchor's positive, logit 0) is
     then rejected with probability 1 - e^-100; scored by the stale -50 it would be accepted with certainty."""
     loss_fn = _loss_with_chains([0, 6], [-50.0, -50.0])
-    table = {0: E0[0], 6: E1[0]}  # what encode_samples returns for a chain state
+    table = {0: E0[0], 6: E1[0]}  # what encode_samples returns for a sample's positive view
     seen = []
 
-    def encode_samples(states):
-        seen.append(states.tolist())
-        return torch.stack([table[int(s)] for s in states])
+    def encode_samples(request):
+        assert (request.view == POSITIVE).all()
+        seen.append(request.ids.tolist())
+        return torch.stack([table[int(s)] for s in request.ids])
 
     anchors, positives = torch.cat([E0, E1]), torch.cat([E2, E3])  # the positives are orthogonal to both anchors
     inputs = loss_fn.inputs_for_step(encode_samples)
@@ -116,7 +118,7 @@ def test_a_chain_negative_masked_out_of_the_batch_is_scored_as_out_of_the_batch(
     encoding does (cos 0.5, logit 50), and the loss stays finite."""
     loss_fn = _loss_with_chains([4, 3], [-50.0, -50.0])
     table = {4: HALF[0], 3: _unit([3**0.5, 1, 0, 0])[0]}  # cos 0.5 with anchor 3 (E0) and with anchor 4 (E1)
-    inputs = loss_fn.inputs_for_step(lambda states: torch.stack([table[int(s)] for s in states]))
+    inputs = loss_fn.inputs_for_step(lambda request: torch.stack([table[int(s)] for s in request.ids]))
     duplicates = torch.tensor([[False, True], [True, False]])
     loss, metrics = loss_fn(torch.cat([E0, E1]), torch.cat([E2, E3]), torch.arange(2), anchor_ids=torch.tensor([3, 4]),
                             candidate_ids=torch.tensor([3, 4]), duplicate_mask=duplicates, **inputs)  # fmt: skip

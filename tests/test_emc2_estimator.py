@@ -9,6 +9,7 @@ import torch
 
 from simcse_flat.config import ConfigError, parse_config
 from simcse_flat.losses import EMC2Loss, build_loss_from_settings
+from simcse_flat.samples import POSITIVE
 
 TAU = 0.01  # cos 1 -> logit 100, cos 0.5 -> 50, cos 0 -> 0
 
@@ -29,9 +30,10 @@ def _run(kernel: str, chains: dict[int, tuple[int, float]], anchors, positives, 
         loss_fn.sampler.negative_ids[anchor], loss_fn.sampler.log_scores[anchor] = state, score
     asked, encoded = [], []
 
-    def encode_samples(states):
-        asked.append(states.tolist())
-        rows = torch.stack([table[int(s)] for s in states]).clone().requires_grad_(True)
+    def encode_samples(request):
+        assert (request.view == POSITIVE).all()  # unsupervised: a chain holds positive views only
+        asked.append(request.ids.tolist())
+        rows = torch.stack([table[int(s)] for s in request.ids]).clone().requires_grad_(True)
         encoded.append(rows)
         return rows
 

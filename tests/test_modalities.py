@@ -105,3 +105,42 @@ def test_the_package_has_no_import_circle():
     for name in sorted(graph):
         walk(name)
     assert "noqa: E402" not in (PACKAGE / "config.py").read_text()
+
+
+def test_a_candidate_id_and_a_chain_state_decode_to_one_sample_request():
+    """Sample ``j``'s positive and hard negative: candidate ids ``j`` and ``-1 - j``, chain states ``j`` and
+    ``m + j``, asked of the modality as (id ``j``, view 1 or 2)."""
+    import torch
+
+    from simcse_flat.samples import HARD_NEGATIVE, POSITIVE, SampleRequest, chain_states, hard_negative_ids
+
+    ids, m = torch.tensor([0, 3, 4]), 5
+    states = chain_states(torch.cat([ids, hard_negative_ids(ids)]), m)
+    assert states.tolist() == [0, 3, 4, 5, 8, 9]
+    request = SampleRequest.of_states(states, m)
+    assert request.ids.tolist() == [0, 3, 4, 0, 3, 4]
+    assert request.view.tolist() == [POSITIVE] * 3 + [HARD_NEGATIVE] * 3
+
+
+def test_the_sample_encoder_encodes_each_requested_view(tiny_bert):
+    """The text parts' sample encoder: a triple's positive is its ``sent1``, its hard negative its ``hard_neg``,
+    an unsupervised sentence's positive the sentence itself, each encoded as the loop's forward encodes it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from simcse_flat.data.text import ContrastiveCollator
+    from simcse_flat.modalities import TrainingParts
+    from simcse_flat.samples import HARD_NEGATIVE, POSITIVE, SampleRequest
+
+    rows = [{"sent0": "a man", "sent1": "the man", "hard_neg": "no dog", "idx": 0}, {"text": "a cat", "idx": 1}]
+    collator = ContrastiveCollator(AutoTokenizer.from_pretrained(str(tiny_bert)))
+    seen = []
+
+    def encode(batch):
+        seen.append(collator.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True))
+        return torch.zeros(len(batch["input_ids"]), 2)
+
+    parts = TrainingParts(model=None, dataset=rows, collate_fn=collator, collate_view=collator.one_view, description="")
+    request = SampleRequest(torch.tensor([0, 0, 1]), torch.tensor([POSITIVE, HARD_NEGATIVE, POSITIVE]))
+    assert parts.sample_encoder(encode, "cpu")(request).shape == (3, 2)
+    assert seen == [["the man", "no dog", "a cat"]]

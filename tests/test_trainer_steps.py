@@ -27,7 +27,7 @@ PACKAGE = Path(simcse_flat.__file__).resolve().parent
 TORCH = Path(torch.__file__).resolve().parent
 # the step's code: not the data (CPU tensors by design: the sampler's order, the collated ids) nor the model's forward
 NOT_THE_STEP = (PACKAGE / "data", PACKAGE / "models")
-EMC2_READS_PER_MICRO_BATCH = 3  # the data set's ids (2), the range check of the chains' ids (1)
+EMC2_READS_PER_MICRO_BATCH = 2  # the requested samples' ids and views (1), the range check of the chains' ids (1)
 
 
 class SyncCounter:

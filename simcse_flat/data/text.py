@@ -33,6 +33,7 @@ SUP_COLUMNS = ("sent0", "sent1", "hard_neg")
 
 
 from ..errors import DataError  # noqa: E402 - the core's errors (simcse_flat.errors)
+from ..samples import HARD_NEGATIVE  # noqa: E402
 
 
 def read_utf8_lines(path: Path, error: type[DataError] = DataError, kind: str = "training file") -> list[str]:
@@ -290,12 +291,12 @@ class ContrastiveCollator:
             batch["sample_keys"] = torch.tensor([e["key"] for e in examples], dtype=torch.long)
         return batch
 
-    def positives(self, examples: list[dict], hard_negative: list[bool] | None = None) -> dict[str, Tensor]:
-        """One view of each example, tokenized: the positive (``text``, or ``sent1``), or where ``hard_negative``
-        says so the ``hard_neg``. What EMC² re-encodes for its chain states; per example, since a run with several
-        sources mixes sentences and triples among them."""
-        hard = hard_negative or [False] * len(examples)
-        return self._tokenize([e["hard_neg"] if h else e.get("text", e.get("sent1")) for e, h in zip(examples, hard)])
+    def one_view(self, examples: list[dict], views: list[int]) -> dict[str, Tensor]:
+        """View ``views[i]`` of example ``i``, tokenized: the positive (``text``, or ``sent1``), or for
+        :data:`~simcse_flat.samples.HARD_NEGATIVE` the ``hard_neg``. What EMC² re-encodes for its chain states; per
+        example, since a run with several sources mixes sentences and triples among them."""
+        return self._tokenize([e["hard_neg"] if view == HARD_NEGATIVE else e.get("text", e.get("sent1"))
+                               for e, view in zip(examples, views)])  # fmt: skip
 
     def _tokenize(self, sentences: list[str]) -> dict[str, Tensor]:
         return dict(

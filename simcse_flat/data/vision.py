@@ -207,10 +207,10 @@ def collate_views(items: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_positive_view(items: list[dict], hard_negative: list[bool] | None = None) -> dict[str, torch.Tensor]:
-    """``{"pixel_values": (B, C, H, W)}``: the second view alone, what EMC² re-encodes for its chain negatives
-    (images have no hard negatives: ``hard_negative`` is all False)."""
-    return {"pixel_values": torch.stack([item["pixel_values"][1] for item in items])}
+def collate_one_view(items: list[dict], views: list[int]) -> dict[str, torch.Tensor]:
+    """``{"pixel_values": (B, C, H, W)}``: view ``views[i]`` of item ``i`` alone, what EMC² re-encodes for its chain
+    negatives (images have two views and no hard negative: every request is view 1, the second augmentation)."""
+    return {"pixel_values": torch.stack([item["pixel_values"][view] for item, view in zip(items, views)])}
 
 
 def subset(images: Dataset, limit: int | None, seed: int = 0) -> Dataset:

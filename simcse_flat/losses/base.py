@@ -13,8 +13,8 @@ argument               shape        meaning
 ``candidates``         (N, D)       every candidate: positives, in-batch negatives, hard negatives
 ``positive_index``     (B,)         column of each anchor's positive among the candidates
 ``anchor_ids``         (B,)         data-set index of each anchor (stateful losses: EMC², SogCLR)
-``candidate_ids``      (N,)         data-set index of each candidate (EMC²'s proposals); ``-1 - index`` for
-                                    the hard negative of sample ``index``, a sentence of its own
+``candidate_ids``      (N,)         data-set index of each candidate (EMC²'s proposals); the hard negative of
+                                    a sample, a sentence of its own, has an id of its own (samples.py)
 ``hard_negative_index``(B,)         column of each anchor's own hard negative (SimCSE's weighted hard negative)
 ``exclude_index``      (B,)         column that is the anchor itself and must not count (SimCLR's 2N-view loss)
 ``duplicate_mask``     (B, N) bool  candidates that duplicate the anchor (same content key, another sample): left
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import gather_no_grad
+from ..samples import SampleRequest
 
 
 class ContrastiveLoss(nn.Module):
@@ -146,11 +147,11 @@ class ContrastiveLoss(nn.Module):
         kept_everywhere = gather_no_grad(keep.sum().reshape(1), self.world_size).sum().clamp(min=1)
         return torch.where(keep, per_row, 0.0).sum() * self.world_size / kept_everywhere
 
-    def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
+    def inputs_for_step(self, encode_samples: Callable[[SampleRequest], Tensor]) -> dict:
         """The one hook between a loss and the loop, called once a step before the step's loss calls.
 
-        ``encode_samples`` embeds data-set samples by id with the current model, with gradient (one more forward
-        pass). A loss that needs samples outside the batch (EMC²'s chain negatives) returns the keyword inputs of
+        ``encode_samples`` embeds a :class:`~simcse_flat.samples.SampleRequest` (data-set samples, each as one of its
+        views) with the current model, with gradient (one more forward pass). A loss that needs samples outside the batch (EMC²'s chain negatives) returns the keyword inputs of
         this step's calls; the others need nothing, and the loop then runs no extra pass.
         """
         return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from ..distributed import gather_no_grad
 from .base import ContrastiveLoss, logit_metrics, negative_logsumexp, positive_logits
+from ..samples import SampleRequest, chain_states, hard_negative_ids
 from .emc2_chains import McmcNegativeSampler
 
 KERNELS = ("paper", "official_scan")
@@ -194,7 +196,7 @@ class EMC2Loss(ContrastiveLoss):
             chain_negatives = chain_negatives(inputs["anchor_ids"])
         chain_logits = None if chain_negatives is None else self.paired_logits(anchors, chain_negatives)
         if encode_held is not None:  # (rows, states) -> their (len(rows),) logits, encoded with gradient
-            chain_logits = lambda rows, states: self.paired_logits(anchors[rows], encode_held(states))  # noqa: E731
+            chain_logits = functools.partial(self._held_logits, anchors, encode_held)
         # the target p_i is the unbiased global softmax: the MH scores and the estimate never see
         # hard_negative_weight; only the reported metrics do, from the logits as SimCSE biases them
         hard_negative_index = inputs.pop("hard_negative_index", None)
@@ -206,7 +208,7 @@ class EMC2Loss(ContrastiveLoss):
                 metrics.update(logit_metrics(biased, positive_index))
         return loss, metrics
 
-    def inputs_for_step(self, encode_samples: Callable[[Tensor], Tensor]) -> dict:
+    def inputs_for_step(self, encode_samples: Callable[[SampleRequest], Tensor]) -> dict:
         """The loop's encoder, to re-encode each anchor's chain negative once a step (:class:`ChainNegatives`), or
         (``stored``) only the held starts, after the MH step."""
         if not self.refresh_negatives:
@@ -218,16 +220,17 @@ class EMC2Loss(ContrastiveLoss):
     def compute_loss_from_logits(self, logits, positive_index, *, anchor_ids=None, candidate_ids=None, chain_logits=None):
         return self._estimate(logits, positive_index, anchor_ids, candidate_ids, chain_logits)
 
+    def _held_logits(self, anchors: Tensor, encode_held: Callable[[SampleRequest], Tensor], rows: Tensor,
+                     states: Tensor) -> Tensor:  # fmt: skip
+        """``(len(rows),)`` logits of ``anchors[rows]`` against the chain ``states``, encoded with gradient."""
+        request = SampleRequest.of_states(states, self.sampler.dataset_size)
+        return self.paired_logits(anchors[rows], encode_held(request))
+
     def paired_logits(self, anchors: Tensor, others: Tensor) -> Tensor:
         """``(B,)`` fp32 ``cos(a_i, o_i) / τ``, row against row."""
         with torch.autocast(device_type=anchors.device.type, enabled=False):
             a, o = F.normalize(anchors.float(), dim=-1), F.normalize(others.float(), dim=-1)
             return (a * o).sum(dim=-1) / self.temperature
-
-    def chain_states(self, candidate_ids: Tensor) -> Tensor:
-        """The chain state each candidate stands for: ``j`` for sample ``j``'s positive view, ``m + j`` for its hard
-        negative (given as ``-1 - j``): a hard negative is a sentence of its own, a negative of every anchor."""
-        return torch.where(candidate_ids >= 0, candidate_ids, self.sampler.dataset_size - 1 - candidate_ids)
 
     def global_loss(self, anchors: Tensor, positives: Tensor) -> Tensor:
         """The exact :math:`L` for a table of all ``m`` samples: ``anchors[i]``, ``positives[i]`` are ``x_i, y_i``."""
@@ -240,9 +243,9 @@ class EMC2Loss(ContrastiveLoss):
             raise ValueError("EMC2Loss keeps one chain per data-set sample: pass anchor_ids and candidate_ids")
         # the paper's kernel proposes a sample uniformly: one column per sample; the scan offers every column
         one_per_id = self.kernel == "paper"
-        states = self.chain_states(candidate_ids)
+        states = chain_states(candidate_ids, self.sampler.dataset_size)  # a hard negative is a state of its own
         proposable = negative_columns(logits, positive_index, anchor_ids, states, one_per_id)
-        own_hard = self.sampler.dataset_size + anchor_ids  # each anchor's own hard negative, always in its batch
+        own_hard = chain_states(hard_negative_ids(anchor_ids), self.sampler.dataset_size)  # always in its batch
         correction = self._own_hard_negative_correction(candidate_ids)
         mh_scores = logits.detach() - correction * (states[None, :] == own_hard[:, None])
         # the chains' states before the step (clamped: a bad id is refused by the step, with its message)
@@ -305,13 +308,14 @@ class ChainNegatives:
     from the batch's logits (its encoded row is then not read).
     """
 
-    def __init__(self, sampler: McmcNegativeSampler, encode_samples: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, sampler: McmcNegativeSampler, encode_samples: Callable[[SampleRequest], Tensor]) -> None:
         self.sampler, self.encode_samples = sampler, encode_samples
         self.encoded: Tensor | None = None
 
     def __call__(self, anchor_ids: Tensor) -> Tensor:
         if self.encoded is None:
-            self.encoded = self.encode_samples(self.sampler.negatives_to_encode(anchor_ids))
+            states = self.sampler.negatives_to_encode(anchor_ids)
+            self.encoded = self.encode_samples(SampleRequest.of_states(states, self.sampler.dataset_size))
         return self.encoded
 
 

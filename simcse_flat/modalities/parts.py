@@ -3,6 +3,7 @@
 The loop knows nothing about tokenizers or pixels: it gets a model whose forward maps a collated batch (minus
 ``sample_ids`` and ``sample_keys``) to ``(V*B, D)`` embeddings, view-major; a data set whose items carry their index
 as ``idx``; a collate function of all views and one of a single view; and the evaluator ``eval_steps`` runs.
+:meth:`TrainingParts.sample_encoder` embeds a :class:`~simcse_flat.samples.SampleRequest` with them.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+from ..samples import SampleRequest
 
 
 @dataclass
@@ -19,8 +23,8 @@ class TrainingParts:
     model: nn.Module  # forward(**batch) -> (V*B, D) embeddings, view-major
     dataset: Dataset  # items are dicts carrying their data-set index as "idx"
     collate_fn: Callable[[list[dict]], dict]
-    # one view of each example: (examples, whether each is wanted as its hard negative) -> a batch of that view
-    collate_positives: Callable[[list[dict], list[bool]], dict]
+    # one view of each example: (examples, the view of each: samples.POSITIVE or HARD_NEGATIVE) -> a batch of them
+    collate_view: Callable[[list[dict], list[int]], dict]
     description: str  # one line for the start-of-run summary
     symmetric: bool = False  # also score view 1 against view 0 (SimCLR); SimCSE scores one direction
     negatives: str = "cross_view"  # views.contrastive_loss_on_views: cross_view (SimCSE) | all_views (NT-Xent)
@@ -30,15 +34,23 @@ class TrainingParts:
     source_sizes: list[int] | None = None
     base_model: str | None = None  # the hub id the run starts from, for the cards (None: a folder, or from scratch)
 
-    def sample_encoder(self, encode: Callable[[dict], Tensor], device) -> Callable[[Tensor], Tensor]:
-        """Embeds data-set samples by *state* with ``encode`` (the loop's forward, with gradient): state ``j < m`` is
-        sample ``j``'s positive view, ``m + j`` its hard negative (supervised data). A loss that needs samples
-        outside the batch (EMC²'s chain negatives) asks for it through ``inputs_for_step``; no other loss calls it."""
+    def sample_encoder(self, encode: Callable[[dict], Tensor], device) -> SampleEncoder:
+        """The ``encode_samples`` a loss that needs samples outside the batch (EMC²'s chain negatives) gets through
+        ``inputs_for_step``: ``encode`` (the loop's forward, with gradient) of each requested sample's view."""
+        return SampleEncoder(self.dataset, self.collate_view, encode, device)
 
-        def encode_samples(states: Tensor) -> Tensor:
-            size = len(self.dataset)
-            examples = [self.dataset[i] for i in (states % size).tolist()]
-            batch = self.collate_positives(examples, (states >= size).tolist())
-            return encode({k: v.to(device) for k, v in batch.items()})
 
-        return encode_samples
+@dataclass
+class SampleEncoder:
+    """Embeds a :class:`~simcse_flat.samples.SampleRequest`: each sample's view, fetched from the data set (on the
+    host: the request's one read), collated by the modality, encoded with gradient."""
+
+    dataset: Dataset
+    collate_view: Callable[[list[dict], list[int]], dict]
+    encode: Callable[[dict], Tensor]
+    device: torch.device | str
+
+    def __call__(self, request: SampleRequest) -> Tensor:
+        ids, views = torch.stack([request.ids, request.view]).tolist()
+        batch = self.collate_view([self.dataset[i] for i in ids], views)
+        return self.encode({k: v.to(self.device) for k, v in batch.items()})

@@ -126,7 +126,7 @@ class TextModality(Modality):
             model=encoder,
             dataset=dataset,
             collate_fn=collator,
-            collate_positives=collator.positives,
+            collate_view=collator.one_view,
             evaluator=evaluator,
             description="; ".join(_describe(source) for source in sources),
             negatives=config.loss.negatives or "cross_view",
