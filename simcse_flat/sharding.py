@@ -6,8 +6,8 @@ rest of the model the root unit, and every process holds ``1/W`` of every weight
 The loop itself is unchanged (the gather with gradient, GradCache, every loss); three things are not, and live here:
 
 * **The wrap unit.** accelerate's ``TRANSFORMER_BASED_WRAP`` wraps the classes named by the model's
-  ``_no_split_modules``, which a ``SentenceTransformer`` does not have: :class:`ShardedModel` gives it the
-  transformers model's own (``Qwen2DecoderLayer``, ``BertLayer``, ...), so one accelerate config fits every encoder.
+  ``_no_split_modules``, which a ``SentenceTransformer`` says are none: ``SentenceEncoder`` answers with its
+  transformers model's (``Qwen2DecoderLayer``, ``BertLayer``, ...), so one accelerate config fits every encoder.
 * **Checkpoints.** Not accelerate's ``save_state`` (its distributed-checkpoint ``.metadata`` is pickled): the full
   weights and optimizer state are gathered onto the main process (``get_model_state_dict`` /
   ``get_optimizer_state_dict`` with ``full_state_dict``, ``cpu_offload``) and written in the DDP checkpoint's files
@@ -94,10 +94,6 @@ class ShardedModel:
         from .models.adapters import frozen_fingerprint, has_adapters
 
         self.accelerator = accelerator
-        transformers_model = getattr(encoder, "transformers_model", None)
-        layers = getattr(transformers_model, "_no_split_modules", None)
-        if layers and getattr(encoder, "_no_split_modules", None) is None:
-            encoder._no_split_modules = list(layers)  # the wrap unit accelerate's TRANSFORMER_BASED_WRAP reads
         if has_adapters(encoder):
             frozen_fingerprint(encoder)  # cached on the model (and so on the copies): computed while unsharded
         self.template = None
