@@ -189,7 +189,12 @@ def test_what_fsdp_cannot_do_is_refused_in_one_line(flags, plugin, message):
     check_sharding(parse_config(["--model_name_or_path", "x"]), _fsdp_accelerator())  # the supported setting
 
 
-def test_the_wrap_unit_is_the_transformer_layer_and_the_copy_holds_no_weights(decoder):
+@pytest.mark.parametrize("model_type, units", [
+    ("qwen2", ["Qwen2DecoderLayer"] * 2), ("qwen3", ["Qwen3DecoderLayer"] * 2),
+    ("bert", ["BertEmbeddings", "BertLayer", "BertLayer"]),  # transformers keeps BERT's embeddings whole too
+])  # fmt: skip
+def test_the_wrap_unit_is_the_transformer_layer_and_the_copy_holds_no_weights(decoder, tiny_bert, tmp_path,
+                                                                              model_type, units):  # fmt: skip
     # accelerate's own choice of units (TRANSFORMER_BASED_WRAP, no class named in the config): the model's layers
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -197,12 +202,12 @@ def test_the_wrap_unit_is_the_transformer_layer_and_the_copy_holds_no_weights(de
     from simcse_flat.models.text import SentenceEncoder
     from simcse_flat.sharding import ShardedModel
 
-    encoder = SentenceEncoder.from_pretrained(str(decoder))
+    folder = {"qwen2": decoder, "bert": tiny_bert}.get(model_type) or write_tiny_decoder(tmp_path, model_type)
+    encoder = SentenceEncoder.from_pretrained(str(folder))
     sharded = ShardedModel(SimpleNamespace(is_main_process=True), encoder)  # as the trainer builds it
     plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=None)
     policy = fsdp2_prepare_auto_wrap_policy(plugin, encoder)
-    units = [type(module).__name__ for module in encoder.modules() if policy(module)]
-    assert units == ["Qwen2DecoderLayer", "Qwen2DecoderLayer"]
+    assert [type(module).__name__ for module in encoder.modules() if policy(module)] == units  # 2 layers each
     assert {p.device.type for p in sharded.template.parameters()} == {"meta"}  # the structure only
     assert {p.device.type for p in encoder.parameters()} == {"cpu"}  # the model itself untouched
 
