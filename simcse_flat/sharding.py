@@ -11,8 +11,9 @@ The loop itself is unchanged (the gather with gradient, GradCache, every loss); 
 * **Checkpoints.** Not accelerate's ``save_state`` (its distributed-checkpoint ``.metadata`` is pickled): the full
   weights and optimizer state are gathered onto the main process (``get_model_state_dict`` /
   ``get_optimizer_state_dict`` with ``full_state_dict``, ``cpu_offload``) and written in the DDP checkpoint's files
-  and layout, so a checkpoint does not say how it was trained; on resume the main process reads them and
-  ``set_model_state_dict`` / ``set_optimizer_state_dict`` (``broadcast_from_rank0``) hand every process its shard.
+  and layout (the optimizer's moments by parameter position, as ``optimizer.state_dict()``); on resume the main
+  process reads them, and ``set_model_state_dict`` / ``set_optimizer_state_dict`` (``broadcast_from_rank0``) hand
+  every process its shard.
 * **Evaluation and export.** The evaluators and sentence-transformers' ``save`` are one-process code, and a sharded
   model cannot run a forward pass on one process alone. So every process takes part in gathering the weights, and
   the main process evaluates and saves a plain copy of the model holding them (:meth:`ShardedModel.gather`).
