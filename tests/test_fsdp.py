@@ -10,7 +10,6 @@ configs/accelerate/fsdp.yaml train.py ...``.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ import torch
 from conftest import write_tiny_decoder
 from safetensors.torch import load_file
 from test_trainer import _argv, _losses, kill_past_a_checkpoint
-from test_training_runs import _launch_command, _launch_two_processes, _start_launched
+from test_training_runs import _kill_with_workers, _launch_command, _launch_two_processes, _start_launched
 
 from simcse_flat.config import ConfigError, parse_config
 from simcse_flat.run_folder import read_log
@@ -105,16 +104,6 @@ def test_two_fsdp_processes_train_like_one_with_twice_the_batch(decoder, tmp_pat
         assert sorted(scores[1]) == [0, 2, 4] and scores[1] == pytest.approx(scores[0], abs=1e-3), scores
         best = [SentenceTransformer(str(run / "best"), device="cpu").encode(SENTENCES) for run in runs]
         assert np.abs(best[0] - best[1]).max() <= 1e-5
-
-
-def _kill_with_workers(launcher: int) -> None:
-    """SIGKILL the launcher and every process it started: torchrun starts each worker in a session of its own."""
-    import psutil
-
-    processes = [psutil.Process(launcher), *psutil.Process(launcher).children(recursive=True)]
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
 
 
 @pytest.mark.slow

@@ -182,6 +182,17 @@ def _start_launched(command: list[str], **output) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, text=True, **output)
 
 
+def _kill_with_workers(launcher: int) -> None:
+    """SIGKILL the launcher and every process it started (torchrun starts each worker in a session of its own, so
+    killing the launcher's process group leaves them running)."""
+    import psutil
+
+    processes = [psutil.Process(launcher), *psutil.Process(launcher).children(recursive=True)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+
+
 def _launch_two_processes(argv: list[str], timeout: float = 300, succeed: bool = True, **how) -> str:
     """``accelerate launch --multi_gpu --num_processes 2 train.py ARGV`` on CPUs (gloo), or as ``how`` says
     (:func:`_launch_command`); killed, with its workers, if it outlives ``timeout``. Checks that it succeeds (or,
@@ -190,7 +201,7 @@ def _launch_two_processes(argv: list[str], timeout: float = 300, succeed: bool =
     try:
         output, _ = launcher.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
+        _kill_with_workers(launcher.pid)
         launcher.communicate()
         raise
     assert (launcher.returncode == 0) == succeed, output[-3000:]
