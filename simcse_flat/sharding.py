@@ -127,7 +127,7 @@ class ShardedModel:
             return None
         groups = state["param_groups"]
         position = {name: i for i, name in enumerate(name for group in groups for name in group["params"])}
-        by_position = sorted(((position[name], value) for name, value in state["state"].items()), key=lambda item: item[0])
+        by_position = sorted(((position[name], value) for name, value in state["state"].items()), key=lambda kv: kv[0])
         return {"state": dict(by_position),
                 "param_groups": [{**group, "params": [position[name] for name in group["params"]]} for group in groups]}
 

@@ -243,7 +243,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                 running.clear()
                 window_batches = 0
             if evaluating and (state.step % args.eval_steps == 0 or state.step == total_steps):
-                last_eval = _evaluate(accelerator, encoder, evaluator, export_best, state, output_dir, history, sharded)
+                last_eval = _evaluate(accelerator, encoder, evaluator, export_best, state, output_dir, history,
+                                      sharded)  # fmt: skip
             if args.save_steps > 0 and state.step % args.save_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
             if state.step >= total_steps:
