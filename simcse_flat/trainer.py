@@ -48,6 +48,7 @@ from .grad_cache import GradCache
 from .losses import build_loss_from_settings
 from .modalities import build_parts, expected_weights_bytes
 from .optim import build_optimizer
+from .sharding import ShardedModel, check_sharding, is_sharded
 from .run_folder import (
     LOG_FILE,
     RUN_FILES,
@@ -92,6 +93,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
     )
+    check_sharding(config, accelerator)  # what FSDP cannot do fails here, before anything loads
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     # the folder's problems before minutes of loading; the lock keeps a second job out until this one ends
@@ -122,6 +124,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     step_batch = world_batch * args.gradient_accumulation_steps  # what lr_scaling scales by
     optimizer = build_optimizer(_param_groups(encoder, args.weight_decay), args, accelerator.device, step_batch)
 
+    sharded = ShardedModel(accelerator, encoder) if is_sharded(accelerator) else None  # FSDP: before prepare
     encoder, optimizer, loader = accelerator.prepare(encoder, optimizer, loader)
     loss_fn.to(accelerator.device)
     on_main(accelerator, lambda: preflight_output_dir(output_dir, _checkpoint_bytes(encoder, loss_fn)))
@@ -134,7 +137,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
         num_warmup_steps=args.warmup_steps or int(args.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    trainables = Trainables(accelerator.unwrap_model(encoder), optimizer, scheduler, loss_fn, accelerator.scaler)
+    trainables = Trainables(accelerator.unwrap_model(encoder), optimizer, scheduler, loss_fn, accelerator.scaler,
+                            sharded)  # fmt: skip
 
     state = TrainState()
     if args.resume_from_checkpoint:
@@ -182,7 +186,7 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
 
     last_eval: dict | None = None
     if evaluating and state.step == 0:  # the starting point, for the before/after line; never "best"
-        last_eval = _evaluate(accelerator, encoder, evaluator, None, state, output_dir, history)
+        last_eval = _evaluate(accelerator, encoder, evaluator, None, state, output_dir, history, sharded)
     elif evaluating:  # resumed: the evaluation of the checkpoint's weights, for final/'s card if no step follows
         last_eval = _recorded_evaluation(output_dir, state.step)
     baseline = last_eval
@@ -239,7 +243,8 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
                 running.clear()
                 window_batches = 0
             if evaluating and (state.step % args.eval_steps == 0 or state.step == total_steps):
-                last_eval = _evaluate(accelerator, encoder, evaluator, export_best, state, output_dir, history)
+                last_eval = _evaluate(accelerator, encoder, evaluator, export_best, state, output_dir, history,
+                                      sharded)  # fmt: skip
             if args.save_steps > 0 and state.step % args.save_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
             if state.step >= total_steps:
@@ -253,9 +258,10 @@ def _train(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | Non
     if checkpoint_path(output_dir, state.step) not in list_checkpoints(output_dir, only_ours=True):
         save_checkpoint(accelerator, output_dir, state, config_yaml, args.save_total_limit, trainables)
     final = output_dir / "final"
+    trained = _plain_model(accelerator, encoder, sharded)  # under FSDP every process takes part in gathering it
     if accelerator.is_main_process:  # final/ is this run's own
         summary = _run_summary(config, loss_fn, state.step, last_eval)
-        parts.export(accelerator.unwrap_model(encoder), final, overwrite=True, summary=summary)
+        parts.export(trained, final, overwrite=True, summary=summary)
         if evaluating and state.best_step is not None:
             _print_before_after(accelerator, baseline, state)
     accelerator.wait_for_everyone()
@@ -384,12 +390,23 @@ def _log(accelerator: Accelerator, output_dir: Path, history: list, row: dict) -
             handle.write(json.dumps(row) + "\n")
 
 
-def _evaluate(accelerator, encoder, evaluator, export_best, state: TrainState, output_dir: Path, history: list) -> dict | None:
+def _plain_model(accelerator, encoder, sharded: ShardedModel | None) -> torch.nn.Module | None:
+    """The trained model as one process can run and save it (on the main process): the unwrapped model, or under
+    FSDP a plain copy holding the gathered weights (every process must call this then)."""
+    if sharded is None:
+        return accelerator.unwrap_model(encoder)
+    plain = sharded.gather(encoder)
+    return plain.to(accelerator.device) if plain is not None else None
+
+
+def _evaluate(accelerator, encoder, evaluator, export_best, state: TrainState, output_dir: Path, history: list,
+              sharded: ShardedModel | None = None) -> dict | None:  # fmt: skip
     """Run the evaluator on the main process and keep ``best/`` (unless ``export_best`` is None: the baseline),
-    without touching the training RNG or the model's training mode. Returns the results on the main process."""
+    without touching the training RNG or the model's training mode. Returns the results on the main process.
+    Under FSDP it evaluates a gathered copy (:func:`_plain_model`): the evaluators are one-process code."""
     results = None
+    model = _plain_model(accelerator, encoder, sharded)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(encoder)
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         was_training = model.training  # encoding (sentence-transformers' encode) leaves the model in eval mode
         # evaluating and exporting (the card encodes examples) must not change training
