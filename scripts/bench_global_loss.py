@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--m", type=int, default=500, help="pairs in the finite problem")
     parser.add_argument("--epochs", type=float, default=50, help="epochs of the batch-4 runs")
+    parser.add_argument("--full_batch_epochs", type=float,
+                        help="unset: --epochs; the full-batch run's length in batch-4 epochs (its steps: m/4 each), "
+                             "for a problem whose full-batch step is too slow to take them all")
     parser.add_argument("--report_epochs", nargs="+", type=float, default=[10, 50], help="epochs the table reports")
     parser.add_argument("--every", type=int, default=125, help="steps between exact L measurements")
     parser.add_argument("--grad_every", type=int, default=625, help="steps between exact gradient errors")
@@ -193,6 +196,7 @@ class Probe:
     def _parts(self, parts):
         if self.problem in RANDOM_VIEWS:  # augmented views: drawn once, so the problem is finite
             parts.dataset = FixedViews(parts.dataset, self.m)
+            parts.description = f"the first {self.m} of {parts.description}, drawn once"
         self.parts = parts
         self.table = parts.collate_fn([parts.dataset[i] for i in range(len(parts.dataset))])
         return parts
@@ -238,7 +242,8 @@ def run_one(args: argparse.Namespace, problem: str, method: str, seed: int) -> d
     if (folder / "bench_row.json").exists():
         return json.loads((folder / "bench_row.json").read_text())
     batch = args.m if method == "full_batch" else BATCH
-    steps = round(args.epochs * args.m / BATCH)  # the full-batch run takes as many steps as the batch-4 runs
+    epochs = args.full_batch_epochs if method == "full_batch" and args.full_batch_epochs else args.epochs
+    steps = round(epochs * args.m / BATCH)  # the full-batch run takes as many steps as the batch-4 runs
     argv = [*PROBLEMS[problem], *COMMON, *METHODS[method], "--per_device_train_batch_size", str(batch),
             "--max_steps", str(steps), "--logging_steps", str(max(1, args.every // 25)), "--seed", str(seed),
             "--output_dir", str(folder)]  # fmt: skip

@@ -258,9 +258,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if len([b for b in args.batch_sizes if b]) > 1:
         metric = "linear" if untrained is not None else "final"
         plot = Path(args.plot or sweep.out / "plot.png")
-        plot_against_batch([r for r in rows if not r.get("tuning") and r.get("loss")], metric, plot,
-                           untrained.get(metric) if untrained else None, title=Path(args.config).stem)  # fmt: skip
-        print(f"plot: {plot}")
+        if plot_against_batch([r for r in rows if not r.get("tuning") and r.get("loss")], metric, plot,
+                              untrained.get(metric) if untrained else None, title=Path(args.config).stem):  # fmt: skip
+            print(f"plot: {plot}")
+        else:
+            print(f"no plot: no run has a {metric!r} score (evaluation off?)")
     return rows
 
 
@@ -306,16 +308,20 @@ def curves(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float, fl
     return result
 
 
-def plot_against_batch(rows: list[dict], metric: str, path: Path, untrained: float | None, title: str) -> None:
+def plot_against_batch(rows: list[dict], metric: str, path: Path, untrained: float | None, title: str) -> bool:
     """``metric`` against batch size (log 2): a line per loss, mean +- sd over seeds as a band; the untrained
-    model's score (given, or the mean of the runs' step-0 evaluations) as a horizontal line."""
+    model's score (given, or the mean of the runs' step-0 evaluations) as a horizontal line. Draws nothing and
+    returns False when no run has the metric (a sweep without evaluation)."""
+    lines = {loss: points for loss, points in curves(rows, metric).items() if points}
+    if not lines:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for loss, points in curves(rows, metric).items():
+    for loss, points in lines.items():
         batches, means, sds, _ = zip(*points)
         (line,) = ax.plot(batches, means, marker="o", label=loss)
         ax.fill_between(batches, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
@@ -335,6 +341,7 @@ def plot_against_batch(rows: list[dict], metric: str, path: Path, untrained: flo
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def format_seed_summary(rows: list[dict]) -> str:

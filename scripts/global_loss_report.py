@@ -1,6 +1,7 @@
 """The table, CSV and plots of ``scripts/bench_global_loss.py``, from the finished runs' ``bench_row.json``.
 
-    python scripts/global_loss_report.py runs/global_loss        # print the table again, rewrite CSV and plots
+    python scripts/global_loss_report.py runs/global_loss                      # the table again, CSV and plots rewritten
+    python scripts/global_loss_report.py --table docs/global_loss_results.csv  # the table of a committed CSV
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def _mean_sd(values: list) -> str:
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
+def read_results(path: Path) -> list[dict]:
+    """The rows of a results CSV, numbers as numbers (the runs behind it may be gone: ``runs/`` is not kept)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    text = ("problem", "method", "estimator")
+    return [{k: v if k in text else (float(v) if v else None) for k, v in row.items()} for row in rows]
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Mean ± sd over seeds, a line per problem, reported epoch and method."""
     keys = ("L_report", "L_above_full", "grad_error", "u_error", "emc2_acceptance", "emc2_encoded", "stsb_dev",
@@ -79,7 +88,7 @@ def markdown_table(rows: list[dict]) -> str:
              "encoded | STS-B dev | linear | kNN |", "|" + "---|" * 13]  # fmt: skip
     for (problem, m, epochs, method), members in groups.items():
         cells = [_mean_sd([r[k] for r in members]) for k in keys]
-        lines.append(f"| {problem} (m {m}) | {epochs:g} | {method} | {len(members)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {problem} (m {m:g}) | {epochs:g} | {method} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -132,5 +141,8 @@ def write_report(output_dir: Path, results: Path, plot_dir: Path, report_epochs:
 
 
 if __name__ == "__main__":
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/global_loss")
-    print(write_report(folder, folder / "results.csv", folder, [10, 50]))
+    if sys.argv[1:2] == ["--table"]:
+        print(markdown_table(read_results(Path(sys.argv[2]))))
+    else:
+        folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/global_loss")
+        print(write_report(folder, folder / "results.csv", folder, [10, 50]))

@@ -4,7 +4,8 @@ A checkpoint is one folder, ``OUTPUT/checkpoint-500`` (where transformers' Train
 releases, ``OUTPUT/checkpoints/checkpoint-00000500``, are still found and resumed):
 
 =============================  ========================================================================
-``model.safetensors``          the model's weights (the unwrapped model's ``state_dict``; with LoRA, the adapters)
+``model.safetensors``          the model's weights (the unwrapped model's ``state_dict``; with LoRA, the adapters;
+                               under FSDP gathered onto the main process first: :mod:`~simcse_flat.sharding`)
 ``optimizer.{json,safetensors}``, ``scheduler.*``, ``scaler.*`` (fp16), ``loss_state.*`` (EMC²'s chains,
 SogCLR's u)                    :func:`~simcse_flat.state_io.save_tree`: tensors in safetensors, the rest JSON
 ``rng_state_R.*``              every process's RNG (Python, NumPy, torch, CUDA) and accelerate's step
@@ -88,6 +89,7 @@ class Trainables:
     scheduler: object
     loss_fn: torch.nn.Module
     scaler: object | None = None  # fp16's GradScaler
+    sharded: object | None = None  # under FSDP, the sharding module's ShardedModel: gathers what is written
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -127,8 +129,12 @@ def save_checkpoint(
         error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
     _raise_if_any(accelerator, error, tmp, final)
     error = _attempt(lambda: save_tree(_rng_state(accelerator), tmp / f"rng_state_{accelerator.process_index}"))
+    model, optimizer_state = parts.model, None
+    if parts.sharded is not None:  # FSDP: every process takes part in gathering the full weights and moments
+        model = parts.sharded.gather(parts.model)
+        optimizer_state = parts.sharded.optimizer_state(parts.model, parts.optimizer)
     if accelerator.is_main_process and error is None:
-        error = _attempt(lambda: _save_main_files(tmp, parts, config_yaml))
+        error = _attempt(lambda: _save_main_files(tmp, parts, config_yaml, model, optimizer_state))
     _raise_if_any(accelerator, error, tmp, final)
     if accelerator.is_main_process:
         error = _attempt(lambda: _seal(tmp, final, state, accelerator.num_processes))
@@ -139,9 +145,9 @@ def save_checkpoint(
     return final
 
 
-def _save_main_files(folder: Path, parts: Trainables, config_yaml: str) -> None:
-    save_model_weights(parts.model, folder / MODEL_FILE)
-    save_tree(parts.optimizer.state_dict(), folder / "optimizer")
+def _save_main_files(folder: Path, parts: Trainables, config_yaml: str, model, optimizer_state: dict | None) -> None:
+    save_model_weights(model, folder / MODEL_FILE)
+    save_tree(parts.optimizer.state_dict() if optimizer_state is None else optimizer_state, folder / "optimizer")
     save_tree(parts.scheduler.state_dict(), folder / "scheduler")
     save_tree(parts.loss_fn.state_dict(), folder / "loss_state")
     if parts.scaler is not None:
@@ -261,14 +267,12 @@ def load_checkpoint(
     """Restore weights, optimizer, scheduler, scaler, loss state and this process's RNG from a checkpoint that
     :func:`validate_checkpoint` accepted; return its :class:`TrainState`."""
     path = Path(path)
-    try:
-        load_model_weights(parts.model, path / MODEL_FILE)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path / MODEL_FILE}: does not fit this model ({str(err).splitlines()[0]}): was it written with another "
-            "model_name_or_path, pooler or architecture?"
-        ) from None
-    _load_into(parts.optimizer, path / "optimizer")
+    if parts.sharded is not None:  # FSDP: the main process reads, every process gets its shard
+        parts.sharded.load(parts.model, parts.optimizer, lambda model: _load_weights(model, path / MODEL_FILE),
+                           lambda: _tree(path / "optimizer"))  # fmt: skip
+    else:
+        _load_weights(parts.model, path / MODEL_FILE)
+        _load_into(parts.optimizer, path / "optimizer")
     _load_into(parts.scheduler, path / "scheduler")
     _load_into(parts.loss_fn, path / "loss_state")
     if parts.scaler is not None and (path / "scaler.json").exists():
@@ -276,6 +280,16 @@ def load_checkpoint(
     if not ignore_rng_state:
         _restore_rng(accelerator, _tree(path / f"rng_state_{accelerator.process_index}"))
     return TrainState.read(path / STATE_FILE)
+
+
+def _load_weights(model: torch.nn.Module, file: Path) -> None:
+    try:
+        load_model_weights(model, file)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{file}: does not fit this model ({str(err).splitlines()[0]}): was it written with another "
+            "model_name_or_path, pooler or architecture?"
+        ) from None
 
 
 def _load_into(target, stem: Path) -> None:

@@ -93,7 +93,7 @@ def exact_objective(model: nn.Module, table: dict, temperature: float, symmetric
                     total += piece
     partitions = torch.stack(loss_fn.log_partitions)  # (calls, m): one per direction of the pairing
     log_partition = torch.logsumexp(partitions, dim=0) - math.log(partitions.size(0))
-    return Objective(float(value), grads, log_partition.cpu())
+    return Objective(float(value.detach()), grads, log_partition.cpu())
 
 
 def relative_error(estimate: list[Tensor], exact: list[Tensor]) -> float:

@@ -1,9 +1,11 @@
 """The run the loop trains, built before its first step: config -> modality -> parts -> prepared, resumed, claimed.
 
-:func:`build_run` checks and locks the output folder (before minutes of loading), asks the run's modality for its
-parts (:meth:`simcse_flat.modalities.Modality.build`), builds the loader, the loss and the optimizer around them and
-prepares them with accelerate, restores the checkpoint it resumes from, and makes the folder the run's own (its
-``config.yaml``, the trackers). The loop itself is :mod:`simcse_flat.trainer`.
+:func:`build_run` refuses what FSDP cannot do (:func:`simcse_flat.sharding.check_sharding`), checks and locks the
+output folder (before minutes of loading), asks the run's modality for its parts
+(:meth:`simcse_flat.modalities.Modality.build`), builds the loader, the loss and the optimizer around them and prepares
+them with accelerate (under FSDP sharded, after :class:`~simcse_flat.sharding.ShardedModel` kept the model's
+structure), restores the checkpoint it resumes from, and makes the folder the run's own (its ``config.yaml``, the
+trackers). The loop itself is :mod:`simcse_flat.trainer`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .run_folder import (
     start_run_folder,
     write_text_atomically,
 )
+from .sharding import ShardedModel, check_sharding, is_sharded
 from .step_metrics import Finiteness
 
 if TYPE_CHECKING:
@@ -56,7 +59,7 @@ class Run:
     config: RunConfig
     accelerator: Accelerator
     parts: TrainingParts
-    model: torch.nn.Module  # the modality's model, prepared by accelerate (DDP-wrapped on several processes)
+    model: torch.nn.Module  # the modality's model, prepared by accelerate (DDP-wrapped, or FSDP-sharded)
     loss_fn: ContrastiveLoss
     optimizer: torch.optim.Optimizer
     scheduler: object  # stepped by hand once per optimizer step (a prepared scheduler steps once per *process*)
@@ -64,6 +67,7 @@ class Run:
     batches: SourceBatchSampler  # the loader's batch sampler, whose epoch the loop sets
     trainables: Trainables  # what a checkpoint saves and a resume restores
     total_steps: int
+    sharded: ShardedModel | None = None  # under FSDP: the way to the full weights (evaluation, export, checkpoints)
     state: TrainState = field(default_factory=TrainState)
     config_yaml: str = ""  # the resolved configuration, as saved beside every checkpoint
     evaluator: Callable[[torch.nn.Module], dict] | None = None  # None: no evaluation
@@ -100,6 +104,7 @@ def build_run(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | 
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
     )
+    check_sharding(config, accelerator)  # what FSDP cannot do fails here, before anything loads
     set_seed(args.seed)
     # the folder's problems before minutes of loading; the lock keeps a second job out until this one ends
     on_main(accelerator, _claim_output_dir, config, lock)
@@ -141,6 +146,7 @@ def _prepare(config: RunConfig, accelerator: Accelerator, parts: TrainingParts) 
                                        world_size=accelerator.num_processes, seed=args.seed)  # fmt: skip
     step_batch = world_batch * args.gradient_accumulation_steps  # what lr_scaling scales by
     optimizer = build_optimizer(_param_groups(parts.model, args.weight_decay), args, accelerator.device, step_batch)
+    sharded = ShardedModel(accelerator, parts.model) if is_sharded(accelerator) else None  # FSDP: before prepare
     model, optimizer, loader = accelerator.prepare(parts.model, optimizer, loader)
     loss_fn.to(accelerator.device)
     on_main(accelerator, preflight_output_dir, Path(args.output_dir), _checkpoint_bytes(model, loss_fn))
@@ -148,9 +154,10 @@ def _prepare(config: RunConfig, accelerator: Accelerator, parts: TrainingParts) 
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=args.warmup_steps or int(args.warmup_ratio * total_steps))  # fmt: skip
-    trainables = Trainables(accelerator.unwrap_model(model), optimizer, scheduler, loss_fn, accelerator.scaler)
+    trainables = Trainables(accelerator.unwrap_model(model), optimizer, scheduler, loss_fn, accelerator.scaler,
+                            sharded)  # fmt: skip
     return Run(config, accelerator, parts, model, loss_fn, optimizer, scheduler, loader, batches, trainables,
-               total_steps)  # fmt: skip
+               total_steps, sharded)  # fmt: skip
 
 
 def _resume(run: Run) -> TrainState:

@@ -3,7 +3,8 @@
 ``train(config)`` builds the run, then loops (:func:`_train`, in short)::
 
     run = build_run(config, ...)          # config -> modality -> parts -> loader, loss, optimizer (accelerate's
-                                          # prepare) -> the checkpoint resumed -> the folder claimed (simcse_flat.run)
+                                          # prepare; sharded under FSDP) -> the checkpoint resumed -> the folder
+                                          # claimed (simcse_flat.run)
     baseline = start_training(run)        # the step-0 evaluation, the model in training mode
     while run.state.step < run.total_steps:
         for batch in epoch_batches(run):
@@ -12,9 +13,10 @@
     return finish(run, baseline)          # the last checkpoint, final/ exported by the modality
 
 Mixed precision, gradient accumulation and multi-GPU / multi-node all come from ``accelerate`` (run with
-``accelerate launch``). Note that accumulation enlarges the gradient's batch, not the negatives: each micro-batch
-is contrasted only with itself, which is exactly where FlatNCE and EMC² help. ``grad_cache_chunk_size``
-(:mod:`simcse_flat.grad_cache`) is the way to more negatives in the same memory.
+``accelerate launch``); sharding (FSDP2) too, with what it needs besides (the gathered model that is evaluated and
+exported, the checkpoints' full state) in :mod:`simcse_flat.sharding`. Note that accumulation enlarges the gradient's
+batch, not the negatives: each micro-batch is contrasted only with itself, which is exactly where FlatNCE and EMC²
+help. ``grad_cache_chunk_size`` (:mod:`simcse_flat.grad_cache`) is the way to more negatives in the same memory.
 
 The loop reads the device on the host once per optimizer step (the finiteness check, in the step's last micro-batch)
 and once per logged row, in no other micro-batch (:mod:`simcse_flat.step_metrics`; EMC² reads more: ``docs/design.md``
@@ -174,9 +176,9 @@ def finish(run: Run, baseline: dict | None) -> TrainResult:
     if checkpoint_path(run.output_dir, state.step) not in list_checkpoints(run.output_dir, only_ours=True):
         save_checkpoint(accelerator, run.output_dir, state, run.config_yaml, run.args.save_total_limit, run.trainables)
     final = run.output_dir / "final"
+    trained = _plain_model(run)  # under FSDP every process takes part in gathering it
     if accelerator.is_main_process:  # final/ is this run's own
-        run.config.modality.export(accelerator.unwrap_model(run.model), final, overwrite=True,
-                                   summary=_run_summary(run, run.last_eval))  # fmt: skip
+        run.config.modality.export(trained, final, overwrite=True, summary=_run_summary(run, run.last_eval))
         if run.evaluating and state.best_step is not None:
             _print_before_after(accelerator, baseline, state)
     accelerator.wait_for_everyone()
@@ -196,13 +198,23 @@ def _log(run: Run, row: dict) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
+def _plain_model(run: Run) -> torch.nn.Module | None:
+    """The trained model as one process can run and save it (on the main process): the unwrapped model, or under
+    FSDP a plain copy holding the gathered weights (every process must call this then; the others get ``None``)."""
+    if run.sharded is None:
+        return run.accelerator.unwrap_model(run.model)
+    plain = run.sharded.gather(run.model)
+    return plain.to(run.accelerator.device) if plain is not None else None
+
+
 def _evaluate(run: Run, keep_best: bool) -> dict | None:
     """Run the evaluator on the main process and, if ``keep_best`` (not the baseline), keep ``best/``, without
-    touching the training RNG or the model's training mode. Returns the results on the main process."""
+    touching the training RNG or the model's training mode. Returns the results on the main process.
+    Under FSDP it evaluates a gathered copy (:func:`_plain_model`): the evaluators are one-process code."""
     accelerator, state = run.accelerator, run.state
     results = None
+    model = _plain_model(run)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(run.model)
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         was_training = model.training  # encoding (sentence-transformers' encode) leaves the model in eval mode
         # evaluating and exporting (the card encodes examples) must not change training

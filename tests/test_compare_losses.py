@@ -90,3 +90,15 @@ def test_a_sweep_scales_the_learning_rate_once_by_the_trainers_rule(tiny_bert, t
         trained_at[batch] = scaled_learning_rate(run["learning_rate"], batch, run["lr_scaling"])  # the one rule
     at_base = 1e-3 * (2.0 if config_scaling == "sqrt" else 1.0)  # the config's own rate at batch 4: 1e-3 · √4
     assert trained_at[4] == pytest.approx(at_base) and trained_at[16] == pytest.approx(2 * at_base)
+
+
+def test_the_plot_skips_losses_without_scores_and_is_not_drawn_when_no_run_has_one(tmp_path):
+    """A sweep with evaluation off and two batch sizes used to raise in the plot (zip of no points)."""
+    script = load_script("compare_losses")
+    rows = [{"loss": loss, "batch_size": b, "final": None if loss == "flatnce" else 50.0 + b}
+            for loss in ("infonce", "flatnce") for b in (4, 16)]  # fmt: skip
+    assert script.plot_against_batch(rows, "final", tmp_path / "plot.png", None, "t")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    no_scores = [{**r, "final": None} for r in rows]
+    assert not script.plot_against_batch(no_scores, "final", tmp_path / "none.png", None, "t")
+    assert not (tmp_path / "none.png").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -117,3 +118,17 @@ def test_bad_settings_fail_before_training_with_one_line(argv, message, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_the_table_of_a_committed_csv_is_the_mean_and_sd_over_seeds(tmp_path):
+    """``global_loss_report.py --table``: the docs' table is rebuilt from the CSV alone (the runs are not kept)."""
+    report = load_script("global_loss_report")
+    rows = [{"problem": "text", "m": 500, "method": "infonce", "estimator": "", "seed": seed, "epochs": 10,
+             "L_report": value, "L_above_full": value + 9.5} for seed, value in ((1, 0.5), (2, 1.5))]  # fmt: skip
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=report.COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    line = report.markdown_table(report.read_results(path)).splitlines()[-1]
+    assert line.startswith("| text (m 500) | 10 | infonce | 2 | 1 ± 0.71 | 10.5 ± 0.71 | - |")

@@ -134,11 +134,33 @@ def _log_by_step(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows}
 
 
-def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
+def _past_a_checkpoint(run: Path) -> bool:
+    """Whether the run logged steps its last checkpoint does not hold (a kill now loses them)."""
+    checkpoints = list_checkpoints(run)
+    return bool(checkpoints) and read_log(run)[-1]["step"] > int(checkpoints[-1].name.split("-")[1])
+
+
+def kill_past_a_checkpoint(victim, run: Path, kill=None, timeout: float = 120) -> None:
+    """SIGKILL the training process ``victim`` (or call ``kill``) once it logged past a checkpoint: no cleanup, no
+    final save, as a pre-empted job dies."""
     import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not _past_a_checkpoint(run) and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    if kill is not None:
+        kill()
+    else:
+        victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert _past_a_checkpoint(run), "the run ended before it logged past its first checkpoint"
+    assert not (run / "final").exists()
+
+
+def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
     import subprocess
     import sys
-    import time
 
     root = Path(__file__).resolve().parents[1]
     data = _sentences(tmp_path / "train.txt")
@@ -151,18 +173,7 @@ def test_run_killed_mid_training_resumes_to_the_same_curve(tiny_bert, tmp_path):
 
     subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True)
     victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def past_a_checkpoint(run: Path) -> bool:  # killed after logging steps its last checkpoint does not hold
-        checkpoints = list_checkpoints(run)
-        return bool(checkpoints) and read_log(run)[-1]["step"] > int(checkpoints[-1].name.split("-")[1])
-
-    deadline = time.time() + 120
-    while not past_a_checkpoint(tmp_path / "killed") and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)  # no cleanup, no final save: as a pre-empted job dies
-    victim.wait()
-    assert past_a_checkpoint(tmp_path / "killed"), "the run ended before it logged past its first checkpoint"
-    assert not (tmp_path / "killed" / "final").exists()
+    kill_past_a_checkpoint(victim, tmp_path / "killed")
     subprocess.run(command(tmp_path / "killed", "--resume_from", "latest"), check=True, capture_output=True)
     whole, resumed = _log_by_step(tmp_path / "whole"), _log_by_step(tmp_path / "killed")
     assert sorted(resumed) == sorted(whole) == list(range(1, 121))

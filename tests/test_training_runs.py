@@ -167,21 +167,44 @@ def test_tensorboard_gets_the_logged_losses_under_logs(tiny_bert, tmp_path):
     assert [(s.step, s.value) for s in scalars] == [(step, pytest.approx(loss)) for step, loss in _losses(result).items()]
 
 
-def _launch_two_processes(argv: list[str], timeout: float = 300) -> None:
-    """``accelerate launch --multi_gpu --num_processes 2 train.py ARGV`` on CPUs (gloo); killed, with its workers,
-    if it outlives ``timeout``."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(free_loopback_port()), str(ROOT / "train.py"), *argv]  # fmt: skip
+def _launch_command(argv: list[str], launcher: tuple[str, ...] = ("--multi_gpu",),
+                    script: tuple[str, ...] = (str(ROOT / "train.py"),)) -> list[str]:  # fmt: skip
+    """``accelerate launch LAUNCHER --num_processes 2 SCRIPT ARGV`` (default: DDP, ``--multi_gpu``, of train.py)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+            "--main_process_port", str(free_loopback_port()), *script, *argv]  # fmt: skip
+
+
+def _start_launched(command: list[str], **output) -> subprocess.Popen:
+    """Start ``command`` on CPUs (gloo) in a process group of its own (so the launcher and its workers can be
+    killed together)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, text=True, **output)
+
+
+def _kill_with_workers(launcher: int) -> None:
+    """SIGKILL the launcher and every process it started (torchrun starts each worker in a session of its own, so
+    killing the launcher's process group leaves them running)."""
+    import psutil
+
+    processes = [psutil.Process(launcher), *psutil.Process(launcher).children(recursive=True)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+
+
+def _launch_two_processes(argv: list[str], timeout: float = 300, succeed: bool = True, **how) -> str:
+    """``accelerate launch --multi_gpu --num_processes 2 train.py ARGV`` on CPUs (gloo), or as ``how`` says
+    (:func:`_launch_command`); killed, with its workers, if it outlives ``timeout``. Checks that it succeeds (or,
+    ``succeed=False``, fails) and returns its output."""
+    launcher = _start_launched(_launch_command(argv, **how), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = launcher.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
+        _kill_with_workers(launcher.pid)
         launcher.communicate()
         raise
-    assert launcher.returncode == 0, output[-3000:]
+    assert (launcher.returncode == 0) == succeed, output[-3000:]
+    return output
 
 
 @pytest.mark.parametrize("loss", ["sogclr", "emc2"])

@@ -18,6 +18,7 @@ class Modality:
 
     name: str
     settings: type  # the dataclass of this modality's settings
+    shardable: bool = False  # whether FSDP may shard its model (simcse_flat.sharding: the transformer layer the unit)
 
     def check(self, config: RunConfig) -> None:
         """The run's settings this modality reads, checked before anything loads (``ConfigError`` naming one)."""

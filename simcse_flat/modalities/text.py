@@ -74,6 +74,7 @@ class TextModality(Modality):
 
     name = "text"
     settings = TextArguments
+    shardable = True  # FSDP's unit: the transformers model's layer (SentenceEncoder._no_split_modules)
 
     def check(self, config: RunConfig) -> None:
         from ..models.poolers import resolve_pooler

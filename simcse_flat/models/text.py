@@ -114,6 +114,12 @@ class SentenceEncoder(SentenceTransformer):
         return prompt, self[0]._get_prompt_length(prompt)  # sentence-transformers' own count, cached there
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The transformers model's layer classes (``Qwen2DecoderLayer``, ``BertLayer``, ...), where
+        sentence-transformers says none: the unit accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` shards by."""
+        return sorted(getattr(self.transformers_model, "_no_split_modules", None) or [])
+
+    @property
     def longest_input(self) -> int:
         """The longest input the model takes, at most 512 tokens: SimCSE evaluates STS untruncated."""
         return min(512, self.transformers_model.config.max_position_embeddings)
