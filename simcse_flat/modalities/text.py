@@ -87,8 +87,7 @@ class TextModality(Modality):
                 raise ConfigError(str(err)) from None
         _check_model_source(model)
         _check_lora(model)
-        if model.max_seq_length < 1:
-            raise ConfigError(f"max_seq_length must be >= 1, got {model.max_seq_length}")
+        check_range("max_seq_length", model.max_seq_length, low=1, inclusive=True)
         if model.model_type and not model.tokenizer_name:
             raise ConfigError("model_type (training from scratch) needs tokenizer_name, e.g. " + DEFAULT_MODEL)
 
@@ -230,8 +229,7 @@ def _check_model_source(model: TextArguments) -> None:
 
 def _check_lora(model: TextArguments) -> None:
     """LoRA's settings, and that peft is there, before anything loads."""
-    if model.lora_r < 0:
-        raise ConfigError(f"lora_r must be >= 0 (0: off), got {model.lora_r}")
+    check_range("lora_r", model.lora_r, low=0, inclusive=True, note="0: off")
     if not model.lora_r:
         if model.lora_target_modules:
             raise ConfigError("lora_target_modules applies to LoRA: set lora_r (e.g. 8)")

@@ -73,8 +73,8 @@ class VisionModality(Modality):
         sizes = {"image_size": vision.image_size, "projection_dim": vision.projection_dim,
                  "projection_hidden_dim": vision.projection_hidden_dim}  # fmt: skip
         for key, value in sizes.items():
-            if value is not None and value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
+            if value is not None:
+                check_range(key, value, low=1, inclusive=True)
         if config.training.grad_cache_chunk_size and vision.norm_layer == "batch":
             raise ConfigError(
                 "grad_cache_chunk_size needs an encoder whose rows do not mix: batch norm would see chunk statistics "
