@@ -33,7 +33,9 @@ import statistics
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -66,12 +68,6 @@ METHODS = {
 }
 TEXT_ARCH = ("num_hidden_layers=2,hidden_size=128,num_attention_heads=2,intermediate_size=512,"
              "hidden_dropout_prob=0,attention_probs_dropout_prob=0")  # scratch_study.yaml's shape, dropout off  # fmt: skip
-PROBLEMS = {
-    "text": ["--config", str(ROOT / "configs/scratch_study.yaml"), "--config_overrides", TEXT_ARCH,
-             "--temperature", "0.05", "--optim", "sgd", "--learning_rate", "1e-3"],
-    "vision": ["--config", str(ROOT / "configs/vision_fmnist_emc2.yaml"), "--cifar_stem", "true",
-               "--norm_layer", "group", "--temperature", "0.2", "--optim", "sgd", "--learning_rate", "1e-3"],
-}  # fmt: skip
 COMMON = ["--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--warmup_steps", "0", "--weight_decay", "0",
           "--max_grad_norm", "0", "--eval_steps", "0", "--save_steps", "0", "--report_to", "none",
           "--overwrite_output_dir"]  # fmt: skip
@@ -128,9 +124,7 @@ def check_settings(args: argparse.Namespace) -> None:
 
 
 def data_files(args: argparse.Namespace) -> list[Path]:
-    files = {"text": [args.data_dir / "nli" / "snli_triples.csv", args.data_dir / "senteval" / "STS" / "STSBenchmark"],
-             "vision": [args.data_dir / "vision" / "fashion-mnist" / "train-images-idx3-ubyte.gz"]}  # fmt: skip
-    return [path for problem in args.problems for path in files[problem]]
+    return [path for problem in args.problems for path in PROBLEMS[problem].files(args.data_dir)]
 
 
 def text_pairs(source: Path, m: int, target: Path) -> Path:
@@ -194,7 +188,7 @@ class Probe:
         return stack
 
     def _parts(self, parts):
-        if self.problem in RANDOM_VIEWS:  # augmented views: drawn once, so the problem is finite
+        if PROBLEMS[self.problem].random_views:  # augmented views: drawn once, so the problem is finite
             parts.dataset = FixedViews(parts.dataset, self.m)
             parts.description = f"the first {self.m} of {parts.description}, drawn once"
         self.parts = parts
@@ -244,12 +238,12 @@ def run_one(args: argparse.Namespace, problem: str, method: str, seed: int) -> d
     batch = args.m if method == "full_batch" else BATCH
     epochs = args.full_batch_epochs if method == "full_batch" and args.full_batch_epochs else args.epochs
     steps = round(epochs * args.m / BATCH)  # the full-batch run takes as many steps as the batch-4 runs
-    argv = [*PROBLEMS[problem], *COMMON, *METHODS[method], "--per_device_train_batch_size", str(batch),
+    argv = [*PROBLEMS[problem].flags, *COMMON, *METHODS[method], "--per_device_train_batch_size", str(batch),
             "--max_steps", str(steps), "--logging_steps", str(max(1, args.every // 25)), "--seed", str(seed),
             "--output_dir", str(folder)]  # fmt: skip
     if args.learning_rate is not None:
         argv += ["--learning_rate", repr(args.learning_rate)]
-    config = parse_config(argv + DATA_FLAGS[problem](args, method))
+    config = parse_config(argv + PROBLEMS[problem].data_flags(args, method))
     probe = Probe(problem, args.m, args.every, args.grad_every, args.chunk_size)
     start = time.perf_counter()
     with probe.patches(config):
@@ -258,7 +252,7 @@ def run_one(args: argparse.Namespace, problem: str, method: str, seed: int) -> d
     seconds = time.perf_counter() - start
     row = {"problem": problem, "method": method, "seed": seed, "m": args.m, "steps": result.state.step,
            "seconds": round(seconds, 1), "estimator": result_estimator(config), "L_floor": floor_of(args.m, probe),
-           **FINAL_SCORES[problem](args, config, probe)}  # fmt: skip
+           **PROBLEMS[problem].final_scores(args, config, probe)}  # fmt: skip
     logged, previous = [r for r in read_log(folder) if "loss" in r], -1
     for point in probe.trace:  # EMC²'s acceptance and encoded fraction: the mean over the steps since the last point
         window = [r for r in logged if previous < r["step"] <= point["step"]]
@@ -313,10 +307,35 @@ def vision_final_scores(args: argparse.Namespace, config, probe: Probe) -> dict:
     return {"linear": scores["linear_accuracy"], "knn": scores["knn_accuracy"]}
 
 
-# each problem's data flags and final scores; the problems whose views are random augmentations
-DATA_FLAGS = {"text": text_data_flags, "vision": vision_data_flags}
-FINAL_SCORES = {"text": text_final_scores, "vision": vision_final_scores}
-RANDOM_VIEWS = {"vision"}
+@dataclass(frozen=True)
+class Problem:
+    """One finite problem: its trainer flags, its data (flags, and the files ``--data_dir`` must hold), the final
+    model's scores, and whether its views are random augmentations (then drawn once, so the problem is finite)."""
+
+    flags: list[str]
+    data_flags: Callable[[argparse.Namespace, str], list[str]]
+    files: Callable[[Path], list[Path]]
+    final_scores: Callable[[argparse.Namespace, object, Probe], dict]
+    random_views: bool = False
+
+
+PROBLEMS = {
+    "text": Problem(
+        ["--config", str(ROOT / "configs/scratch_study.yaml"), "--config_overrides", TEXT_ARCH,
+         "--temperature", "0.05", "--optim", "sgd", "--learning_rate", "1e-3"],
+        text_data_flags,
+        lambda data: [data / "nli" / "snli_triples.csv", data / "senteval" / "STS" / "STSBenchmark"],
+        text_final_scores,
+    ),
+    "vision": Problem(
+        ["--config", str(ROOT / "configs/vision_fmnist_emc2.yaml"), "--cifar_stem", "true",
+         "--norm_layer", "group", "--temperature", "0.2", "--optim", "sgd", "--learning_rate", "1e-3"],
+        vision_data_flags,
+        lambda data: [data / "vision" / "fashion-mnist" / "train-images-idx3-ubyte.gz"],
+        vision_final_scores,
+        random_views=True,
+    ),
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
