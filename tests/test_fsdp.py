@@ -33,13 +33,15 @@ ON_CPU = (str(ROOT / "tests" / "fsdp_on_cpu.py"), str(ROOT / "train.py"))  # the
 SENTEVAL_SAMPLE = ROOT / "data" / "senteval"  # the quickstart's STS-B dev copy
 SENTENCES = ["a man is playing a guitar", "the dog runs in the park", "two children are eating", "x"]
 
-# each loss with one of the loop's other paths under FSDP: transformers' checkpointing and STS evaluation (best/),
+# each loss (with one of the loop's other paths) under FSDP: transformers' checkpointing and STS evaluation (best/),
 # GradCache (its replay, EMC²'s extra pass of chain negatives through it), LoRA adapters (the checkpoint holds them)
 CASES = {
     "infonce": ("--loss", "infonce", "--lora_r", "4"),
     "flatnce": ("--loss", "flatnce", "--gradient_checkpointing", "true", "--eval_steps", "2", "--eval_tasks", "stsb",
                 "--eval_split", "dev"),  # and --eval_data_dir: the first pairs of STS-B dev (_sts_sample)
     "emc2": ("--loss", "emc2", "--grad_cache_chunk_size", "12"),
+    "sogclr": ("--loss", "sogclr"),  # its per-sample u, gathered over the processes as the embeddings are
+    "dclw": ("--loss", "dcl", "--dcl_weight_sigma", "0.5"),  # DCLW's weights from the gathered cosines
 }  # fmt: skip
 
 
