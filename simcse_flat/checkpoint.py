@@ -131,7 +131,7 @@ def save_checkpoint(
     error = _attempt(lambda: save_tree(_rng_state(accelerator), tmp / f"rng_state_{accelerator.process_index}"))
     model, optimizer_state = parts.model, None
     if parts.sharded is not None:  # FSDP: every process takes part in gathering the full weights and moments
-        model = parts.sharded.gather(parts.model)
+        model = parts.sharded.gather(parts.model, state.step)
         optimizer_state = parts.sharded.optimizer_state(parts.model, parts.optimizer)
     if accelerator.is_main_process and error is None:
         error = _attempt(lambda: _save_main_files(tmp, parts, config_yaml, model, optimizer_state))

@@ -99,24 +99,40 @@ class ShardedModel:
         if has_adapters(encoder):
             frozen_fingerprint(encoder)  # cached on the model (and so on the copies): computed while unsharded
         self.template = None
+        self._gathered: tuple[int, dict] | None = None  # (step, the full weights gathered at it): see gather()
         if accelerator.is_main_process:
             meta = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                     for p in encoder.parameters()}  # fmt: skip
             self.template = copy.deepcopy(encoder, memo=meta)  # buffers and tokenizer copied, weights not
 
-    def gather(self, model: nn.Module) -> nn.Module | None:
+    def gather(self, model: nn.Module, step: int | None = None) -> nn.Module | None:
         """Every process: gather the full weights; the main process gets a plain (unsharded) copy of the model
-        holding them, on the CPU, in ``model``'s training mode; the others ``None``."""
+        holding them, on the CPU, in ``model``'s training mode; the others ``None``.
+
+        ``step``: the optimizer step the weights are at. Another call at the same step reuses these gathered
+        weights instead of gathering again (a step that evaluates, checkpoints and exports ``final/`` gathers
+        once), until :meth:`release` or a call at another step frees them."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+        if step is None or self._gathered is None or self._gathered[0] != step:
+            self.release()  # never two full copies at once
+            state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+            if self.accelerator.is_main_process:
+                # a gathered tensor can be a view into a padded all-gather buffer: its own storage, as safetensors
+                # wants
+                state = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state.items()}
+            self._gathered = (step, state) if step is not None else None  # every process: all skip, or none
+        else:
+            state = self._gathered[1]
         if not self.accelerator.is_main_process:
             return None
-        # a gathered tensor can be a view into a padded all-gather buffer: its own storage, as safetensors wants
-        state = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state.items()}
         plain = copy.deepcopy(self.template)
         plain.load_state_dict(state, strict=True, assign=True)
         return plain.train(model.training)
+
+    def release(self) -> None:
+        """Free the weights :meth:`gather` keeps for its step (the main process's full copy, in CPU memory)."""
+        self._gathered = None
 
     def optimizer_state(self, model: nn.Module, optimizer) -> dict | None:
         """Every process: the full optimizer state, on the main process as ``optimizer.state_dict()`` of the

@@ -93,6 +93,8 @@ def start_training(run: Run) -> dict | None:
                         disable=not run.accelerator.is_local_main_process, desc="train")  # fmt: skip
     if run.evaluating and run.state.step == 0:  # never "best"
         run.last_eval = _evaluate(run, keep_best=False)
+        if run.sharded is not None:
+            run.sharded.release()  # step 0's gathered weights: not held through the first step
     elif run.evaluating:  # resumed: the checkpoint's evaluation, for final/'s card if no step follows
         run.last_eval = _recorded_evaluation(run.output_dir, run.state.step)
     run.window = Window(run.state.step)
@@ -157,6 +159,9 @@ def on_step_end(run: Run) -> None:
     if args.save_steps > 0 and step % args.save_steps == 0:
         save_checkpoint(run.accelerator, run.output_dir, run.state, run.config_yaml, args.save_total_limit,
                         run.trainables)  # fmt: skip
+    if run.sharded is not None and step < run.total_steps:
+        run.sharded.release()  # this step's gathered weights served its evaluation and checkpoint; the last step's
+        # serve finish() too
 
 
 def _log_window(run: Run) -> None:
@@ -203,7 +208,7 @@ def _plain_model(run: Run) -> torch.nn.Module | None:
     FSDP a plain copy holding the gathered weights (every process must call this then; the others get ``None``)."""
     if run.sharded is None:
         return run.accelerator.unwrap_model(run.model)
-    plain = run.sharded.gather(run.model)
+    plain = run.sharded.gather(run.model, run.state.step)
     return plain.to(run.accelerator.device) if plain is not None else None
 
 

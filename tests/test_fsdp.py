@@ -211,3 +211,23 @@ def test_the_decoder_recipe_names_the_fsdp_command():
     recipe = (ROOT / "configs" / "decoder_qwen3_embedding.yaml").read_text()
     assert "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8 train.py --config " \
            "configs/decoder_qwen3_embedding.yaml" in recipe
+
+
+def test_a_step_that_evaluates_checkpoints_and_exports_gathers_the_weights_once(decoder, tmp_path, monkeypatch):
+    # the gathering path (ShardedModel) on one unsharded process, where the gather is a plain state dict: its files
+    # are the plain path's, and steps 0, 2 and 4 gather once each (step 4 evaluates, checkpoints and writes final/)
+    import torch.distributed.checkpoint.state_dict as state_dict
+
+    import simcse_flat.run
+
+    flags = ("--save_steps", "2", "--eval_steps", "2", "--eval_tasks", "stsb", "--eval_split", "dev")
+    plain = train(parse_config(_run(decoder, tmp_path / "plain", *flags)))
+    gathered, gather = [], state_dict.get_model_state_dict
+    monkeypatch.setattr(state_dict, "get_model_state_dict", lambda *a, **k: gathered.append(1) or gather(*a, **k))
+    monkeypatch.setattr(simcse_flat.run, "is_sharded", lambda accelerator: True)
+    through_gather = train(parse_config(_run(decoder, tmp_path / "gathered", *flags)))
+    assert len(gathered) == 3, gathered
+    assert _losses(through_gather) == _losses(plain)
+    for folder in ("checkpoint-4", "final", "best"):
+        name = "model.safetensors"
+        assert (through_gather.output_dir / folder / name).read_bytes() == (plain.output_dir / folder / name).read_bytes()
