@@ -93,7 +93,9 @@ class SentenceEncoder(SentenceTransformer):
     ``forward`` therefore has two calls, told apart by how the features come: as keywords (the loop's
     ``encoder(**batch)``, through DDP) it returns the ``(n, D)`` sentence embeddings; as one dict (the call
     sentence-transformers' ``encode`` and its losses make, ``model(features)``) it returns sentence-transformers'
-    features dict, ``"sentence_embedding"`` among them.
+    features dict, ``"sentence_embedding"`` among them. The loop's call cannot be a method of its own: DDP and FSDP
+    act in the wrapped model's ``forward`` (DDP readies its gradient reduction there, FSDP gathers the root unit's
+    weights), so the embeddings must come out of ``forward`` itself.
     """
 
     def forward(self, input: dict[str, Tensor] | None = None, **kwargs) -> dict[str, Tensor] | Tensor:
