@@ -1,4 +1,4 @@
-"""Gathering embeddings across processes, with gradient: the only module that talks to ``torch.distributed``.
+"""Gathering embeddings across processes, with gradient; and :func:`on_main`, one process's outcome on every process.
 
 Every process scores its own anchors against the candidates of *all* processes (open_clip's ``local_loss``).
 The gather must carry gradient back to the process that produced each candidate, otherwise each process would
@@ -19,9 +19,13 @@ would otherwise read its rows at the wrong offsets without a sound.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .errors import USER_ERRORS
 
 
 def world_size() -> int:
@@ -89,3 +93,29 @@ def check_gathered(gathered: Tensor, local_rows: int, world_size: int) -> Tensor
             "(accelerate: process_index, num_processes)"
         )
     return gathered
+
+
+# ---- one process's outcome on every process ----------------------------------------------------------------------
+
+
+def on_main(accelerator, work: Callable[..., object], *args: object):
+    """Run ``work(*args)`` on the main process and hand its result, or its error, to every process: a check that
+    fails on the main process alone must stop all of them, not leave the others waiting for it at the next
+    collective."""
+    outcome: list = [None, None]
+    error = None
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = work(*args)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+            error = err
+            outcome[1] = err if isinstance(err, USER_ERRORS) else RuntimeError(f"on the main process: {err!r}")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list  # pickles in memory, between our own processes
+
+        broadcast_object_list(outcome)
+    if error is not None:
+        raise error
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]

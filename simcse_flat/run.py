@@ -27,7 +27,8 @@ from transformers import get_scheduler
 from .checkpoint import Trainables, TrainState, changed_settings, find_checkpoint, load_checkpoint
 from .config import RunConfig
 from .data.batching import SourceBatchSampler
-from .errors import USER_ERRORS, DataError
+from .distributed import on_main
+from .errors import DataError
 from .grad_cache import GradCache
 from .losses import build_loss_from_settings
 from .optim import build_optimizer
@@ -202,29 +203,6 @@ def _forward(model: torch.nn.Module, inputs: dict) -> Tensor:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-
-
-def on_main(accelerator: Accelerator, work: Callable[..., object], *args: object):
-    """Run ``work(*args)`` on the main process and hand its result, or its error, to every process: a check that
-    fails on the main process alone must stop all of them, not leave the others waiting for it at the next
-    collective."""
-    outcome: list = [None, None]
-    error = None
-    if accelerator.is_main_process:
-        try:
-            outcome[0] = work(*args)
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
-            error = err
-            outcome[1] = err if isinstance(err, USER_ERRORS) else RuntimeError(f"on the main process: {err!r}")
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(outcome)
-    if error is not None:
-        raise error
-    if outcome[1] is not None:
-        raise outcome[1]
-    return outcome[0]
 
 
 def _claim_output_dir(config: RunConfig, lock: RunLock) -> None:

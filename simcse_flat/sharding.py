@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .distributed import on_main
 from .errors import CheckpointError, ConfigError
 
 
@@ -157,19 +158,16 @@ class ShardedModel:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         plain = self.gather(model)  # the current weights: an adapter file holds only part of them
-        weights, optimizer_state, error = {}, {}, None
-        if self.accelerator.is_main_process:
-            try:
-                load_weights(plain)
-                weights = plain.state_dict()
-                optimizer_state = self._by_name(model, optimizer, read_optimizer())
-            except CheckpointError as err:
-                error = err
-        error = _shared(self.accelerator, error)
-        if error is not None:
-            raise error
-        set_model_state_dict(model, weights, options=_full_options(broadcast_from_rank0=True))
-        set_optimizer_state_dict(model, _plain_optimizer(optimizer), optimizer_state,
+        loaded = {"weights": {}, "optimizer": {}}  # filled on the main process; broadcast_from_rank0 sends the rest
+
+        def read() -> None:  # returns nothing: on_main would broadcast a result, and these are the full state
+            load_weights(plain)
+            loaded["weights"] = plain.state_dict()
+            loaded["optimizer"] = self._by_name(model, optimizer, read_optimizer())
+
+        on_main(self.accelerator, read)
+        set_model_state_dict(model, loaded["weights"], options=_full_options(broadcast_from_rank0=True))
+        set_optimizer_state_dict(model, _plain_optimizer(optimizer), loaded["optimizer"],
                                  options=_full_options(broadcast_from_rank0=True))  # fmt: skip
 
     @staticmethod
@@ -186,12 +184,3 @@ class ShardedModel:
             return {"state": {names[i]: value for i, value in state["state"].items()}, "param_groups": groups}
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise CheckpointError(f"the optimizer state does not fit this run ({err})") from None
-
-
-def _shared(accelerator, error: Exception | None) -> Exception | None:
-    """The main process's error (or ``None``), on every process."""
-    from accelerate.utils import broadcast_object_list
-
-    box = [None if error is None else CheckpointError(str(error))]
-    broadcast_object_list(box)
-    return error if error is not None else box[0]

@@ -6,6 +6,7 @@ loss told the wrong world size must refuse at its first gather rather than read 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -156,3 +157,44 @@ def test_gather_is_identity_with_one_process():
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
     assert _loss("infonce").own_rows(3) == slice(0, 3)
     assert not dist.is_initialized() or os.environ.get("WORLD_SIZE") == "1"
+
+
+def _on_main_worker(rank: int, world: int, port: int, out: str) -> None:
+    # accelerate's own state over gloo (as accelerate launch sets it up), for on_main's broadcast
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")  # fmt: skip
+    from accelerate import Accelerator
+
+    from simcse_flat.errors import CheckpointError
+
+    accelerator = Accelerator(cpu=True)
+    outcomes = {"result": distributed.on_main(accelerator, lambda: f"read by process {accelerator.process_index}")}
+
+    def fails(error: Exception):
+        def work():
+            raise error
+
+        return work
+
+    for name, error in [("user", CheckpointError("checkpoint-3/model.safetensors: truncated")),
+                        ("bug", KeyError("state"))]:  # fmt: skip
+        try:
+            distributed.on_main(accelerator, fails(error))
+        except Exception as raised:  # noqa: BLE001 - what each process sees is the test's subject
+            outcomes[name] = f"{type(raised).__name__}: {raised}"
+    Path(f"{out}.{rank}").write_text(json.dumps(outcomes))
+    accelerator.wait_for_everyone()
+    end_worker()
+
+
+def test_the_main_processs_result_or_error_reaches_every_process(tmp_path):
+    from conftest import free_loopback_port
+
+    world, out = 2, str(tmp_path / "outcome")
+    mp.spawn(_on_main_worker, args=(world, free_loopback_port(), out), nprocs=world, join=True)
+    seen = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
+    assert seen[0]["result"] == seen[1]["result"] == "read by process 0"  # the work ran on the main process only
+    # a user's error is the same error everywhere (one line from the CLI); anything else names its origin elsewhere
+    assert seen[0]["user"] == seen[1]["user"] == "CheckpointError: checkpoint-3/model.safetensors: truncated"
+    assert seen[0]["bug"] == "KeyError: 'state'"
+    assert seen[1]["bug"] == "RuntimeError: on the main process: KeyError('state')"
