@@ -293,8 +293,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
 
 
 def _run_config(parsed: dict[type, Any]) -> RunConfig:
-    """The chosen modality's settings and the shared ones; another modality's settings are left out (the ones that
-    would mislead refused: :meth:`~simcse_flat.modalities.Modality.check_unused`)."""
+    """The chosen modality's settings and the shared ones; another modality's settings are left out (one away from
+    its default refused: :meth:`~simcse_flat.modalities.Modality.check_unused`)."""
     modality = modality_named(parsed[ModalityArguments].modality)
     for other in MODALITIES.values():
         if other is not modality:

@@ -96,7 +96,7 @@ def test_target_modules_the_model_does_not_have_fail_in_one_line(tiny_qwen2):
         parse_config(["--lora_target_modules", "q_proj"])
     with pytest.raises(ConfigError, match="lora_r must be >= 0"):
         parse_config(["--lora_r", "-1"])
-    with pytest.raises(ConfigError, match="lora_r applies to text models"):
+    with pytest.raises(ConfigError, match="^lora_r: 4 is a text setting, and this run's modality is vision"):
         parse_config(["--modality", "vision", "--lora_r", "4"])
 
 

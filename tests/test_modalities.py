@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from simcse_flat.config import ConfigError, parse_config
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "simcse_flat"
 REGISTRY = PACKAGE / "modalities"
@@ -144,3 +148,18 @@ def test_the_sample_encoder_encodes_each_requested_view(tiny_bert):
     request = SampleRequest(torch.tensor([0, 0, 1]), torch.tensor([POSITIVE, HARD_NEGATIVE, POSITIVE]))
     assert parts.sample_encoder(encode, "cpu")(request).shape == (3, 2)
     assert seen == [["the man", "no dog", "a cat"]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "resnet50"], "arch: 'resnet50' is a vision setting, and this run's modality is text: set modality: "
+                             "vision, or leave arch out"),
+    (["--modality", "vision", "--max_seq_length", "64"], "max_seq_length: 64 is a text setting, and this run's "
+                                                         "modality is vision: set modality: text, or leave "
+                                                         "max_seq_length out"),
+    (["--modality", "vision", "--lora_target_modules", "q_proj"], "lora_target_modules: ['q_proj'] is a text setting"),
+])  # fmt: skip
+def test_another_modalitys_setting_away_from_its_default_is_refused(argv, message):
+    # a run would ignore it: a text run given arch: resnet50 trains the text encoder without a word
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        parse_config(argv)
+    parse_config(["--arch", "resnet18", "--max_seq_length", "64"])  # at its default (an earlier config.yaml's): read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -24,7 +25,17 @@ class Modality:
         """The run's settings this modality reads, checked before anything loads (``ConfigError`` naming one)."""
 
     def check_unused(self, settings: object, chosen: Modality) -> None:
-        """This modality's ``settings``, given to a run of the ``chosen`` one: refuse those that would mislead."""
+        """This modality's ``settings``, given to a run of the ``chosen`` one, where they do nothing: one set away
+        from its default is refused (a run would silently ignore it); left at their defaults they pass, as an
+        earlier ``config.yaml`` holding both modalities' settings does."""
+        from ..errors import ConfigError
+
+        for option in dataclasses.fields(settings):
+            value = getattr(settings, option.name)
+            default = option.default_factory() if option.default is dataclasses.MISSING else option.default
+            if value != default:
+                raise ConfigError(f"{option.name}: {value!r} is a {self.name} setting, and this run's modality is "
+                                  f"{chosen.name}: set modality: {self.name}, or leave {option.name} out")  # fmt: skip
 
     def build(self, config: RunConfig, evaluate: bool = True) -> TrainingParts:
         """The parts the loop trains; ``evaluate``: with the :meth:`evaluator` (when ``eval_steps`` asks for one)."""

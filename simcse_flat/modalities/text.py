@@ -91,10 +91,6 @@ class TextModality(Modality):
         if model.model_type and not model.tokenizer_name:
             raise ConfigError("model_type (training from scratch) needs tokenizer_name, e.g. " + DEFAULT_MODEL)
 
-    def check_unused(self, settings: TextArguments, chosen: Modality) -> None:
-        if settings.lora_r or settings.lora_target_modules:
-            raise ConfigError(f"lora_r applies to text models (transformers layers): set lora_r: 0 for {chosen.name}")
-
     def build(self, config: RunConfig, evaluate: bool = True) -> TrainingParts:
         """SimCSE: a SentenceTransformer (a hub model as it is, or a HF encoder + pooler), sentences or NLI triples
         (one or several sources)."""
