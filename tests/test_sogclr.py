@@ -159,3 +159,19 @@ def test_u_averages_over_each_rows_negatives_hard_negatives_included():
     assert metrics["sogclr_weight_mean"].item() == pytest.approx(1.0)  # first visit: u is the batch estimate
     loss_fn(anchors, candidates[:2], torch.arange(2), anchor_ids=torch.tensor([2, 3]))
     assert loss_fn.log_u[2:4].exp().tolist() == pytest.approx([s[0, 1].exp().item(), s[1, 0].exp().item()], rel=1e-5)
+
+
+def test_a_row_with_no_negative_is_left_out_of_the_loss_the_state_and_the_metrics():
+    # row 1 has its positive only (every other candidate masked, as duplicates are): one row is kept, and the loss
+    # and both metrics are row 0's own, by hand (first visit: u = ĝ, the mean of e^{s} over row 0's two negatives)
+    loss_fn = SogCLRLoss(dataset_size=M, temperature=TAU, gamma=0.9)
+    inf = float("-inf")
+    logits = torch.tensor([[2.0, 0.5, -1.0], [inf, 1.0, inf]], requires_grad=True)
+    loss, metrics = loss_fn.compute_loss_from_logits(logits, torch.tensor([0, 1]), anchor_ids=torch.tensor([3, 7]))
+    log_g = math.log((math.exp(0.5) + math.exp(-1.0)) / 2)
+    assert loss.item() == pytest.approx(log_g - 2.0, abs=1e-6)
+    assert metrics["sogclr_log_u"].item() == pytest.approx(log_g, abs=1e-6)
+    assert metrics["sogclr_weight_mean"].item() == pytest.approx(1.0, rel=1e-6)
+    assert loss_fn.log_u[3].item() == pytest.approx(log_g, abs=1e-6) and loss_fn.log_u[7].item() == inf
+    loss.backward()
+    assert torch.all(logits.grad[1] == 0)  # the row left out gets no gradient (and no NaN)
