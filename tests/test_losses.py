@@ -151,6 +151,18 @@ def test_every_loss_logs_the_shared_metrics_of_its_logits():
             assert metrics[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
 
 
+
+def test_the_shared_metrics_of_a_batch_with_one_row_kept_are_that_rows():
+    from simcse_flat.losses.base import logit_metrics
+
+    inf = float("-inf")  # rows 1 and 2 have their positive only (their other candidates masked as duplicates)
+    logits = torch.tensor([[2.0, 0.5, -1.0], [inf, 1.0, inf], [inf, inf, 3.0]])
+    metrics = logit_metrics(logits, torch.tensor([0, 1, 2]))
+    assert metrics["infonce"].item() == pytest.approx(math.log(math.exp(2.0) + math.exp(0.5) + math.exp(-1.0)) - 2.0)
+    assert metrics["flatnce"].item() == pytest.approx(math.log(math.exp(0.5) + math.exp(-1.0)) - 2.0)
+    assert (metrics["accuracy"].item(), metrics["positive_logit"].item()) == (1.0, 2.0)
+    assert metrics["rows_without_negatives"].item() == pytest.approx(2 / 3)
+
 def test_exclude_index_removes_the_anchor_itself():
     torch.manual_seed(0)
     x = torch.randn(4, 3)
