@@ -68,7 +68,6 @@ class Run:
     batches: SourceBatchSampler  # the loader's batch sampler, whose epoch the loop sets
     trainables: Trainables  # what a checkpoint saves and a resume restores
     total_steps: int
-    sharded: ShardedModel | None = None  # under FSDP: the way to the full weights (evaluation, export, checkpoints)
     state: TrainState = field(default_factory=TrainState)
     config_yaml: str = ""  # the resolved configuration, as saved beside every checkpoint
     evaluator: Callable[[torch.nn.Module], dict] | None = None  # None: no evaluation
@@ -93,6 +92,11 @@ class Run:
     @property
     def output_dir(self) -> Path:
         return Path(self.config.training.output_dir)
+
+    @property
+    def sharded(self) -> ShardedModel | None:
+        """Under FSDP, the way to the full weights (evaluation, export, checkpoints); the checkpoint's own."""
+        return self.trainables.sharded
 
 
 def build_run(config: RunConfig, evaluator: Callable[[torch.nn.Module], dict] | None, lock: RunLock) -> Run:
@@ -158,7 +162,7 @@ def _prepare(config: RunConfig, accelerator: Accelerator, parts: TrainingParts) 
     trainables = Trainables(accelerator.unwrap_model(model), optimizer, scheduler, loss_fn, accelerator.scaler,
                             sharded)  # fmt: skip
     return Run(config, accelerator, parts, model, loss_fn, optimizer, scheduler, loader, batches, trainables,
-               total_steps, sharded)  # fmt: skip
+               total_steps)  # fmt: skip
 
 
 def _resume(run: Run) -> TrainState:
