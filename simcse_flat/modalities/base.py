@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -28,8 +30,6 @@ class Modality:
         """This modality's ``settings``, given to a run of the ``chosen`` one, where they do nothing: one set away
         from its default is refused (a run would silently ignore it); left at their defaults they pass, as an
         earlier ``config.yaml`` holding both modalities' settings does."""
-        from ..errors import ConfigError
-
         for option in dataclasses.fields(settings):
             value = getattr(settings, option.name)
             default = option.default_factory() if option.default is dataclasses.MISSING else option.default
