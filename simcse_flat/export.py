@@ -204,7 +204,7 @@ def text_model_card(encoder: "SentenceEncoder", summary: RunSummary, model_id: s
                             f"(scripts/export_model.py --license); training data: {data_license or 'see its source'}")
     rows = [f"| pooler | `{config.get('pooler') or encoder.pooler}` (mlp_only_train: {config.get('mlp_only_train')}) |",
             f"| max sequence length (training) | {config.get('max_seq_length')} |",
-            f"| training data | `{_names(config.get('train_file'))}` |", *card_row(config)]  # fmt: skip
+            f"| training data | `{_names(config.get('train_file'))}` |", *card_row(config, encoder)]  # fmt: skip
     if config.get("model_type"):  # no base model: say what it started from
         rows.insert(0, f"| initialisation | from scratch: `{config['model_type']}` "
                        f"({config.get('config_overrides') or 'its default config'}), random weights from seed "

@@ -53,6 +53,24 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, **config: f
     return folder
 
 
+def put_in_hub_cache(folder: Path, hub_id: str, cache: Path, monkeypatch) -> dict[str, str]:
+    """A Hugging Face cache at ``cache`` holding ``folder`` as the hub puts ``hub_id`` there (a snapshot, ``refs/main``),
+    offline: a hub id takes the very path it takes for a user. Returns the environment a subprocess needs."""
+    import huggingface_hub.constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "hub" / f"models--{hub_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {"HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub"), "HF_HUB_OFFLINE": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return env
+
+
 def write_tiny_decoder_tokenizer(folder: Path, padding_side: str = "right") -> Path:
     """A word-level fast tokenizer (the test words, single characters) with ``<pad>``, ``<unk>`` and an EOS ``</s>``
     that it does not append by itself (as a plain causal LM's), for decoders built from a config."""

@@ -4,13 +4,12 @@ model."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, write_tiny_decoder
+from conftest import WORDS, put_in_hub_cache, write_tiny_decoder
 
 from simcse_flat.config import parse_config
 from simcse_flat.data.text import ContrastiveCollator
@@ -62,15 +61,7 @@ def test_a_causal_lm_folder_is_pooled_at_its_eos_the_same_under_left_and_right_p
 
 
 def test_a_causal_lm_hub_id_takes_the_hub_path_and_the_decoder_defaults(tiny_qwen2, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--tiny-org--tiny-qwen2"
-    shutil.copytree(tiny_qwen2, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    put_in_hub_cache(tiny_qwen2, "tiny-org/tiny-qwen2", tmp_path / "hf", monkeypatch)
     encoder = SentenceEncoder.from_pretrained("tiny-org/tiny-qwen2").eval()
     assert encoder.pooler == "lasttoken" and encoder.tokenizer("a")["input_ids"][-1] == encoder.tokenizer.eos_token_id
     expected = SentenceEncoder.from_pretrained(str(tiny_qwen2)).eval()

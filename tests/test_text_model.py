@@ -4,7 +4,6 @@ load as sentence-transformers reads them, give its embeddings and its STS figure
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import put_in_hub_cache
 
 from simcse_flat.models.text import ModelLoadError, SentenceEncoder
 
@@ -22,21 +23,8 @@ SENTENCES = ["a man is playing a guitar", "the dog runs in the park", "two child
 
 @pytest.fixture
 def hub_cache(minilm_path, tmp_path, monkeypatch) -> dict[str, str]:
-    """A Hugging Face cache holding all-MiniLM-L6-v2 as the hub would put it there, offline: a hub id takes the very
-    path it takes for a user. Returns the environment a subprocess needs."""
-    import huggingface_hub.constants
-
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / f"models--{HUB_ID.replace('/', '--')}"
-    shutil.copytree(minilm_path, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return env
+    """all-MiniLM-L6-v2 in an offline Hugging Face cache, as the hub would put it there."""
+    return put_in_hub_cache(minilm_path, HUB_ID, tmp_path / "hf", monkeypatch)
 
 
 def _reference_embeddings(model_id_or_path: str, sentences: list[str]) -> np.ndarray:

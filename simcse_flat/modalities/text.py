@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from ..config_checks import check_range
+from ..config_checks import check_choice, check_range
 from ..errors import ConfigError
 from .base import Modality
 from .parts import TrainingParts
@@ -59,13 +59,18 @@ class TextArguments:
     )
     lora_r: int = field(
         default=0, metadata={"help": "LoRA rank (peft): train adapters of this rank only, every other weight frozen; "
-                             "0: off, the whole model trains. Exports merge the adapters in."},
+                             "0: off, the whole model trains. Exports merge the adapters in (lora_export)."},
     )
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: the adapters' scale is lora_alpha / lora_r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA: dropout on the adapters' input."})
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "LoRA: the linear modules to adapt (e.g. q_proj v_proj); unset: peft's "
                                 "default for the model type."},
+    )
+    lora_export: str = field(
+        default="merged", metadata={"help": "LoRA: what final/ and best/ hold: merged (the adapters merged into the "
+                                    "base weights; loads without peft) | adapter (the adapters alone, naming the "
+                                    "base they apply to; SentenceTransformer(path) loads both, with peft)."},
     )
 
 
@@ -225,11 +230,18 @@ def _check_model_source(model: TextArguments) -> None:
 
 def _check_lora(model: TextArguments) -> None:
     """LoRA's settings, and that peft is there, before anything loads."""
+    from ..models.adapters import LORA_EXPORTS
+
     check_range("lora_r", model.lora_r, low=0, inclusive=True, note="0: off")
+    check_choice("lora_export", model.lora_export, LORA_EXPORTS)
     if not model.lora_r:
-        if model.lora_target_modules:
-            raise ConfigError("lora_target_modules applies to LoRA: set lora_r (e.g. 8)")
+        if model.lora_target_modules or model.lora_export != "merged":
+            key = "lora_target_modules" if model.lora_target_modules else "lora_export"
+            raise ConfigError(f"{key} applies to LoRA: set lora_r (e.g. 8)")
         return
+    if model.lora_export == "adapter" and model.model_type:
+        raise ConfigError("lora_export: adapter names the base the adapters apply to, and a model from scratch "
+                          "(model_type) has none that loads elsewhere: use lora_export: merged")
     check_range("lora_alpha", model.lora_alpha, low=0.0)
     check_range("lora_dropout", model.lora_dropout, low=0.0, high=1.0, inclusive=True)
     import importlib.util

@@ -7,11 +7,14 @@ and value maps); every other weight is frozen. The optimizer sees only the adapt
 a checkpoint's ``model.safetensors`` holds only the trainable tensors (:func:`trainable_tensors`): the frozen base is
 rebuilt at resume as it was built at the start (the same pretrained folder, or the same seed for a model from
 scratch). ``final/`` and ``best/`` are written with the adapters merged into the base weights (``lora_export:
-merged``, the default): a plain model folder that ``SentenceTransformer(path)`` loads without peft.
+merged``, the default): a plain model folder that ``SentenceTransformer(path)`` loads without peft. ``lora_export:
+adapter`` writes the adapters alone (peft's ``adapter_config.json`` naming the base, ``adapter_model.safetensors``):
+``SentenceTransformer(path)`` loads the base and applies them, with peft installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -19,8 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-
+LORA_EXPORTS = ("merged", "adapter")  # what final/ and best/ hold of a LoRA run (lora_export)
 
 def add_lora(encoder: nn.Module, settings: dict, name: str) -> None:
     """Inject LoRA adapters as ``settings`` (a run's model settings) say and freeze every other weight; target
@@ -32,7 +34,8 @@ def add_lora(encoder: nn.Module, settings: dict, name: str) -> None:
     model = encoder.transformers_model
     config = LoraConfig(r=settings["lora_r"], lora_alpha=settings.get("lora_alpha", 16.0),
                         lora_dropout=settings.get("lora_dropout", 0.0),
-                        target_modules=settings.get("lora_target_modules") or None)  # fmt: skip
+                        target_modules=settings.get("lora_target_modules") or None,
+                        base_model_name_or_path=adapter_base(settings))  # fmt: skip
     try:
         inject_adapter_in_model(config, model)
     except ValueError as err:  # peft: no target module matched, or none known for this model type
@@ -41,6 +44,40 @@ def add_lora(encoder: nn.Module, settings: dict, name: str) -> None:
         raise ModelLoadError(f"lora_target_modules: {reason} ({name}'s linear modules: {', '.join(linear)})") from None
     for parameter_name, parameter in encoder.named_parameters():
         parameter.requires_grad_(".lora_" in parameter_name)  # the adapters only; pooling heads stay frozen too
+
+
+def adapter_base(settings: dict) -> str | None:
+    """What an adapter-only export names as its base (``lora_export: adapter``; ``None`` for a merged export): the
+    hub id as the run named it (a packaged model's hub id), or a folder's absolute path."""
+    import os
+
+    from ..export import hub_id_of
+    from .text import resolve_model_path
+
+    if settings.get("lora_export", "merged") != "adapter":
+        return None
+    name = settings["model_name_or_path"]  # the config check refuses an adapter export of a model from scratch
+    return hub_id_of(name) or os.path.abspath(os.path.expanduser(resolve_model_path(name)))
+
+
+def saved_adapter_base(encoder: nn.Module) -> str | None:
+    """The base that ``encoder``'s saved adapters name, where it is saved as its adapters alone: adapters whose peft
+    config names their base (set by :func:`add_lora` for ``lora_export: adapter``, or read from such a folder);
+    ``None``: saved whole (merged, or without adapters)."""
+    configs = getattr(encoder.transformers_model, "peft_config", None) or {}
+    bases = {config.base_model_name_or_path for config in configs.values()}
+    return bases.pop() if has_adapters(encoder) and len(bases) == 1 and None not in bases else None
+
+
+@contextlib.contextmanager
+def adapter_only_save(model: nn.Module):
+    """Within this block transformers' ``save_pretrained`` of ``model`` writes the adapters alone (peft's files)."""
+    kept = model._hf_peft_config_loaded  # transformers' flag, False for adapters injected by peft directly
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        model._hf_peft_config_loaded = kept
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -135,10 +172,16 @@ def merged_copy(encoder: nn.Module) -> nn.Module:
     return merged
 
 
-def card_row(config: dict) -> list[str]:
-    """The model card's line on LoRA (none for a run without it)."""
+def card_row(config: dict, encoder: nn.Module) -> list[str]:
+    """The model card's line on LoRA (none for a run without it): merged, or the adapters alone and their base, as
+    ``encoder`` is saved."""
     if not config.get("lora_r"):
         return []
     targets = ", ".join(config.get("lora_target_modules") or []) or "peft's default for the model type"
-    return [f"| weights | the base weights with LoRA adapters merged in (r {config['lora_r']}, alpha "
-            f"{config.get('lora_alpha')}, dropout {config.get('lora_dropout')}, on {targets}) |"]  # fmt: skip
+    adapters = (f"r {config['lora_r']}, alpha {config.get('lora_alpha')}, dropout {config.get('lora_dropout')}, "
+                f"on {targets}")  # fmt: skip
+    base = saved_adapter_base(encoder)
+    if base is None:
+        return [f"| weights | the base weights with LoRA adapters merged in ({adapters}) |"]
+    return [f"| weights | LoRA adapters only ({adapters}; `lora_export: adapter`): `SentenceTransformer(path)` "
+            f"loads the base `{base}` and applies them (needs peft) |"]  # fmt: skip

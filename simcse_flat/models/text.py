@@ -140,12 +140,13 @@ class SentenceEncoder(SentenceTransformer):
 
     def save(self, path: str, *args, **kwargs) -> None:
         """sentence-transformers' ``save``, without the modules that act in training only (LoRA adapters merged
-        into the base weights: :mod:`.adapters`)."""
-        from .adapters import has_adapters, merged_copy
+        into the base weights, or with ``lora_export: adapter`` saved alone: :mod:`.adapters`)."""
+        from .adapters import adapter_only_save, has_adapters, merged_copy, saved_adapter_base
 
-        if has_adapters(self):
+        adapter_only = saved_adapter_base(self) is not None
+        if has_adapters(self) and not adapter_only:
             return merged_copy(self).save(path, *args, **kwargs)
-        with self.published():
+        with self.published(), adapter_only_save(self.transformers_model) if adapter_only else contextlib.nullcontext():
             super().save(path, *args, **kwargs)
         if getattr(self.transformers_model, "pooler", False) is None:  # loaded without it (_without_unused_pooler)
             # say so where every sentence-transformers release reads a Transformer's loading arguments, so that
