@@ -34,9 +34,10 @@ SENTEVAL_SAMPLE = ROOT / "data" / "senteval"  # the quickstart's STS-B dev copy
 SENTENCES = ["a man is playing a guitar", "the dog runs in the park", "two children are eating", "x"]
 
 # each loss (with one of the loop's other paths) under FSDP: transformers' checkpointing and STS evaluation (best/),
-# GradCache (its replay, EMC²'s extra pass of chain negatives through it), LoRA adapters (the checkpoint holds them)
+# GradCache (its replay, EMC²'s extra pass of chain negatives through it), LoRA adapters (the checkpoint holds them,
+# final/ too: the adapters alone, from the gathered copy)
 CASES = {
-    "infonce": ("--loss", "infonce", "--lora_r", "4"),
+    "infonce": ("--loss", "infonce", "--lora_r", "4", "--lora_export", "adapter"),
     "flatnce": ("--loss", "flatnce", "--gradient_checkpointing", "true", "--eval_steps", "2", "--eval_tasks", "stsb",
                 "--eval_split", "dev"),  # and --eval_data_dir: the first pairs of STS-B dev (_sts_sample)
     "emc2": ("--loss", "emc2", "--grad_cache_chunk_size", "12"),
@@ -101,6 +102,7 @@ def test_two_fsdp_processes_train_like_one_with_twice_the_batch(decoder, tmp_pat
 
     exported = [SentenceTransformer(str(run / "final"), device="cpu").encode(SENTENCES) for run in runs]
     assert np.abs(exported[0] - exported[1]).max() <= 1e-5
+    assert all((run / "final" / "adapter_config.json").exists() == ("--lora_export" in CASES[loss]) for run in runs)
     if "--eval_steps" in CASES[loss]:  # evaluated on the gathered copy, best/ exported from it
         scores = [_logged(run, "eval/stsb_spearman") for run in runs]
         assert sorted(scores[1]) == [0, 2, 4] and scores[1] == pytest.approx(scores[0], abs=1e-3), scores
