@@ -4,9 +4,9 @@ Only the step's code is counted (simcse_flat's loop, views, gather and losses), 
 by design) nor the model's forward. Two ways to see a synchronisation, one record:
 
 - ``reads`` (any device): every ``Tensor`` method that reads a value on the host is patched (:data:`HOST_READS`);
-- ``cuda`` (a GPU): torch's own sync debug mode (``torch.cuda.set_sync_debug_mode``) reports every synchronising
-  CUDA operation, including those whose output size depends on values (boolean indexing, ``nonzero``,
-  ``unique``), which patching the reads cannot see.
+- ``cuda`` (a GPU): torch's own sync debug mode (``torch.cuda.set_sync_debug_mode``) warns where CUDA itself
+  synchronises (a stream wait, a copy to the host), so it should also see the operations whose output size depends
+  on values (boolean indexing, ``nonzero``, ``unique``) that patching the reads cannot; not yet run on a GPU.
 
 ``tests/test_trainer_steps.py`` checks the ``reads`` count that ``docs/design.md`` states;
 ``scripts/bench_host_syncs.py`` reports both.
