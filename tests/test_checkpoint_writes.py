@@ -4,6 +4,7 @@ processes of which one fails to write."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -217,6 +218,55 @@ def test_weights_that_do_not_fit_the_model_are_refused_with_the_likely_cause(acc
     with _raises_exactly(f"{path / 'model.safetensors'}: does not fit this model (Error(s) in loading state_dict for "
                          f"Sequential:): {FIT_HINT}"):  # fmt: skip
         load_checkpoint(accelerator, path, bigger)
+
+
+class _RecordedSharding:
+    """What ``checkpoint.py`` asks of the sharding module under FSDP (:class:`simcse_flat.sharding.ShardedModel`),
+    recorded: it hands over the full weights and optimizer state it gathers (``full``'s, not the local ones), and
+    :meth:`load` runs the two loaders it is given on a plain copy of the model, as the main process does."""
+
+    def __init__(self, full: Trainables) -> None:
+        self.full, self.calls, self.loaded = full, [], None
+
+    def gather(self, model, step):
+        self.calls.append(("gather", model, step))
+        return self.full.model
+
+    def optimizer_state(self, model, optimizer):
+        self.calls.append(("optimizer_state", model, optimizer))
+        return self.full.optimizer.state_dict()
+
+    def load(self, model, optimizer, load_weights, read_optimizer):
+        self.calls.append(("load", model, optimizer))
+        plain = copy.deepcopy(model)
+        load_weights(plain)
+        self.loaded = plain, read_optimizer()
+
+
+def test_under_fsdp_the_checkpoint_holds_and_hands_back_what_the_sharding_module_gathers(accelerator, tmp_path):
+    full = _parts()  # the gathered weights and moments: other than the process's own (a shard, under FSDP)
+    full.model(torch.randn(5, 3)).sum().backward()
+    full.optimizer.step()
+    parts = _parts()
+    parts.sharded = sharding = _RecordedSharding(full)
+    path = save_checkpoint(accelerator, tmp_path, TrainState(step=2), "seed: 1\n", 5, parts)
+    assert sharding.calls == [("gather", parts.model, 2), ("optimizer_state", parts.model, parts.optimizer)]
+    target = _parts()
+    target.sharded = sharding
+    load_checkpoint(accelerator, path, target, ignore_rng_state=True)
+    assert sharding.calls[-1] == ("load", target.model, target.optimizer)
+    plain, optimizer_tree = sharding.loaded
+    for name, tensor in full.model.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[name], tensor, rtol=0, atol=0)
+    reread = torch.optim.AdamW(nn.Sequential(nn.Linear(3, 3)).parameters(), lr=0.1)
+    reread.load_state_dict(optimizer_tree)
+    expected = full.optimizer.state_dict()["state"]
+    assert reread.state_dict()["state"].keys() == expected.keys()
+    for index, moments in expected.items():
+        for key, value in moments.items():
+            torch.testing.assert_close(reread.state_dict()["state"][index][key], value, rtol=0, atol=0)
+    # the sharding module loads the weights, not the plain path
+    assert not torch.equal(target.model[0].weight, full.model[0].weight)
 
 
 # ---- two processes ---------------------------------------------------------------------------------------------------

@@ -354,6 +354,8 @@ def test_sample_ids_are_required_and_checked():
         loss_fn(x, x, torch.arange(2))
     with pytest.raises(ValueError, match="data-set size"):
         loss_fn(x, x, torch.arange(2), anchor_ids=torch.tensor([0, 4]), candidate_ids=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"data-set size; got -5\.\."):  # below 0 too, however far
+        loss_fn(x, x, torch.arange(2), anchor_ids=torch.tensor([0, -5]), candidate_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="data-set size"):
         build_loss("emc2", temperature=0.05)
     assert isinstance(loss_fn, EMC2Loss) and loss_fn.name == "emc2" and "ICML" in loss_fn.citation
@@ -459,3 +461,24 @@ def test_hard_negative_weight_biases_the_reported_metrics_only_not_the_chains_or
     expected = (torch.logsumexp(s, 1) - s[ids, ids]).mean()
     assert weighted_steps[-1][1]["infonce"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert plain_steps[-1][1]["infonce"].item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_the_biased_metrics_leave_out_the_excluded_column_and_the_duplicates():
+    """SimCLR's layout (candidates: the positives, the hard negatives, the anchors themselves) with a weight of 1.0,
+    each anchor's own column excluded and anchor 3's batch mate marked as its duplicate: the metrics are InfoNCE
+    of the logits the batch defines, by hand."""
+    generator = torch.Generator().manual_seed(0)
+    anchors, positives, hard = (torch.randn(2, 4, generator=generator) for _ in range(3))
+    candidates = torch.cat([positives, hard, anchors])
+    duplicate_mask = torch.zeros(2, 6, dtype=torch.bool)
+    duplicate_mask[0, 1] = True  # sample 4's positive duplicates anchor 3
+    loss_fn = EMC2Loss(dataset_size=10, temperature=TAU, hard_negative_weight=1.0)
+    _, metrics = loss_fn(anchors, candidates, torch.arange(2), anchor_ids=torch.tensor([3, 4]),
+                         candidate_ids=torch.tensor([3, 4, -4, -5, 3, 4]), hard_negative_index=torch.tensor([2, 3]),
+                         exclude_index=torch.tensor([4, 5]), duplicate_mask=duplicate_mask)  # fmt: skip
+    s = F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T / TAU
+    s[[0, 1], [2, 3]] += 1.0
+    s[[0, 1], [4, 5]] = float("-inf")
+    s[0, 1] = float("-inf")
+    expected = (torch.logsumexp(s, 1) - s[[0, 1], [0, 1]]).mean()
+    assert metrics["infonce"].item() == pytest.approx(expected.item(), rel=1e-5)

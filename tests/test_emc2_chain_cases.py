@@ -56,6 +56,7 @@ def test_a_chain_negative_out_of_the_batch_is_scored_by_its_fresh_encoding():
     assert loss_fn.sampler.negative_ids[[3, 4]].tolist() == [0, 6]  # both chains kept their negative
     assert metrics["emc2_used"].item() == 1.0  # both anchors have a negative, sample 0's anchor too
     assert metrics["emc2_negative_logit"].item() == pytest.approx(100.0, rel=1e-4)  # the mean over used anchors
+    assert metrics["emc2_encoded"].item() == 1.0  # every anchor's chain negative was encoded
     # the loss: mean over anchors of s(x, Z) - s(x, positive) = 100 - 0
     assert loss.item() == pytest.approx(100.0, rel=1e-4)
     assert loss_fn.sampler.log_scores[[3, 4]].tolist() == pytest.approx([100.0, 100.0], rel=1e-4)
@@ -74,6 +75,7 @@ def test_without_fresh_encodings_an_anchor_whose_negative_left_the_batch_is_not_
     assert metrics["emc2_acceptance"].item() == 0.5
     assert metrics["emc2_used"].item() == 0.5
     assert metrics["emc2_negative_logit"].item() == pytest.approx(50.0, rel=1e-4)
+    assert metrics["emc2_encoded"].item() == 0.0  # nothing was encoded
 
 
 def test_an_anchor_with_no_negative_to_propose_keeps_an_empty_chain():

@@ -67,6 +67,16 @@ def test_a_held_start_is_encoded_after_the_step_and_carries_the_gradient():
     assert encoded[0].grad is not None and encoded[0].grad.abs().sum() > 0
 
 
+def test_the_first_and_last_ids_encode_their_own_chains_start():
+    """Anchors 0 and 9, the first and last ids of 10, hold samples 5 and 6 with stored scores 150: both reject their
+    proposal (logit 0) and hold their start, which is encoded: each its own chain's (cos 0.5 -> 50, cos 1 -> 100)."""
+    _, loss, metrics, asked, _ = _run("paper", {0: (5, 150.0), 9: (6, 150.0)}, torch.cat([E0, E1]),
+                                      torch.cat([E2, E3]), [0, 9], {5: HALF[0], 6: E1[0]})  # fmt: skip
+    assert asked == [[5, 6]]
+    assert metrics["emc2_encoded"].item() == 1.0
+    assert loss.item() == pytest.approx((50.0 + 100.0) / 2, rel=1e-4)
+
+
 def test_the_scan_encodes_only_starts_held_past_the_burn_in():
     """Three anchors, two proposals each, the second half recorded. Anchor 3 (stored 50) rejects its first proposal
     (logit 0) and accepts the second (100): its start was held during the burn-in only, so it is not encoded.
@@ -91,3 +101,5 @@ def test_the_setting_is_checked_built_and_shown_on_the_card():
         parse_config(["--loss", "emc2", "--emc2_estimator", "stored", "--emc2_refresh_negatives", "false"])
     with pytest.raises(ValueError, match=r"^EMC² estimator must be one of"):
         EMC2Loss(dataset_size=4, estimator="fresh")
+    with pytest.raises(ValueError, match=r"^the stored estimator encodes chain negatives: it needs refresh_negatives$"):
+        EMC2Loss(dataset_size=4, estimator="stored", refresh_negatives=False)

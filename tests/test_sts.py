@@ -251,6 +251,91 @@ def test_without_network_the_hub_is_asked_once_and_the_error_names_the_flag_and_
     )
 
 
+PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+class _Connection:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def close(self) -> None:
+        self.log.append("closed")
+
+
+def test_the_hub_is_asked_with_one_connection_to_its_host_and_port_or_assumed_there_through_a_proxy(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from simcse_flat.evaluation.sts import _hub_reachable
+
+    for key in PROXIES:
+        monkeypatch.delenv(key, raising=False)
+    log = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: log.append((address, timeout))
+                        or _Connection(log))  # fmt: skip
+    endpoints = [("https://huggingface.co", ("huggingface.co", 443)), ("http://hub.example", ("hub.example", 80)),
+                 ("https://hub.example:8443", ("hub.example", 8443))]  # fmt: skip
+    for endpoint, address in endpoints:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        log.clear()
+        assert _hub_reachable() is True and log == [(address, 3.0), "closed"], endpoint
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(ConnectionRefusedError()))
+    assert _hub_reachable() is False
+    for key in PROXIES:  # a proxy: no connection tried (the one above would be refused), the hub assumed reachable
+        monkeypatch.setenv(key, "http://proxy.example:3128")
+        assert _hub_reachable() is True, key
+        monkeypatch.delenv(key)
+
+
+def test_a_failed_hub_load_says_whether_the_hub_was_offline_or_what_it_answered(monkeypatch):
+    """HF_HUB_OFFLINE=1: no connection is tried and the message says so; online and reachable: the hub is asked as
+    it is (not offline), and the message quotes the first line of its error, or the error as it is when blank."""
+    import socket
+
+    import datasets
+    from huggingface_hub import constants
+
+    modes, failure = [], [ConnectionError("Couldn't find it in the cache")]
+
+    def load_dataset(path, split=None, **kwargs):
+        modes.append((datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
+        raise failure[0]
+
+    def message(name: str, split: str = "test") -> str:
+        with pytest.raises(StsDataError) as caught:
+            load_hub_task(name, split)
+        return str(caught.value)
+
+    def no_connection(*args, **kwargs):
+        raise AssertionError("a connection was tried")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    assert message("sts14") == (
+        "sts14 test: mteb/sts14-sts (split 'test'): not in the datasets cache, and the hub is offline "
+        "(HF_HUB_OFFLINE=1). Pass --data_dir DIR (data_dir= from Python): a SentEval-layout folder (SentEval's "
+        "data/downstream) holding DIR/STS/STS14-en-test/STS.input.*.txt and STS.gs.*.txt"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for key in PROXIES:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: _Connection([]))
+    modes.clear()
+    failure[0] = ConnectionError("  Couldn't reach 'mteb/stsbenchmark-sts' on the Hub (LocalEntryNotFoundError)\n"
+                                 "a second line of detail")  # fmt: skip
+    hint = ("Pass --data_dir DIR (data_dir= from Python): a SentEval-layout folder (SentEval's data/downstream) "
+            "holding DIR/STS/STSBenchmark/sts-test.csv")  # fmt: skip
+    assert message("stsb") == ("stsb test: mteb/stsbenchmark-sts (split 'test'): cannot load it from the hub "
+                               f"(Couldn't reach 'mteb/stsbenchmark-sts' on the Hub (LocalEntryNotFoundError)). {hint}")
+    assert modes == [(False, False)]
+    failure[0] = ConnectionError(" ")
+    blank = "stsb test: mteb/stsbenchmark-sts (split 'test'): cannot load it from the hub ( ). "
+    assert message("stsb") == blank + hint  # a blank error as it is
+
+
 def test_evaluate_sts_reads_the_hub_without_data_dir(monkeypatch):
     rows = {"sentence1": ["anchor"] * 3, "sentence2": ["cos 0.1", "cos 0.5", "cos 0.3"], "score": [1, 3, 2]}
     fake_hub(monkeypatch, rows)
