@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 LORA_EXPORTS = ("merged", "adapter")  # what final/ and best/ hold of a LoRA run (lora_export)
+
 
 def add_lora(encoder: nn.Module, settings: dict, name: str) -> None:
     """Inject LoRA adapters as ``settings`` (a run's model settings) say and freeze every other weight; target
@@ -49,8 +51,6 @@ def add_lora(encoder: nn.Module, settings: dict, name: str) -> None:
 def adapter_base(settings: dict) -> str | None:
     """What an adapter-only export names as its base (``lora_export: adapter``; ``None`` for a merged export): the
     hub id as the run named it (a packaged model's hub id), or a folder's absolute path."""
-    import os
-
     from ..export import hub_id_of
     from .text import resolve_model_path
 
