@@ -7,7 +7,8 @@ Each loss trains 4 optimizer steps of 2 micro-batches (batch 16, a row logged ev
 evaluation) through ``simcse_flat.trainer.train``, and :mod:`simcse_flat.host_syncs` counts the synchronisations of
 the step's code (loop, views, gather, losses; not the data pipeline nor the model's forward, reported apart as
 "elsewhere"). ``reads`` patches the tensor methods that read a value on the host (any device); ``cuda`` is torch's
-``set_sync_debug_mode``, which also sees value-dependent shapes (boolean indexing, ``nonzero``, ``unique``).
+``set_sync_debug_mode``, which should also see value-dependent shapes (boolean indexing, ``nonzero``, ``unique``);
+not yet run on a GPU.
 Flags after ``--`` go to the trainer.
 """
 
@@ -30,7 +31,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--how", nargs="+", default=["reads"], choices=["reads", "cuda"])
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output", type=Path, help="also write the rows as JSON")
-    argv = list(argv) if argv is not None else None
     args, trainer_flags = parser.parse_known_args(argv)
     if trainer_flags[:1] == ["--"]:
         trainer_flags = trainer_flags[1:]
